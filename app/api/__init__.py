@@ -1,0 +1,1 @@
+"""HTTP layer: routes, schemas, the error envelope. Never imports torch."""

@@ -1,0 +1,194 @@
+"""Every setting of the service, in one pydantic-settings class.
+
+Variables are read from the environment with the prefix ``RERANKER_``; third-party variables keep their own names
+(``WEB_CONCURRENCY``, ``PROMETHEUS_MULTIPROC_DIR``). An invalid value stops start-up with one line naming it
+(see :func:`load_settings`).
+"""
+
+from __future__ import annotations
+
+import os
+from enum import Enum
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cuda = "cuda"
+    cpu = "cpu"
+
+
+class DType(str, Enum):
+    auto = "auto"
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+class LongDocuments(str, Enum):
+    """What happens to a document longer than the room left beside the query, when a request does not say."""
+
+    truncate = "truncate"
+    chunk = "chunk"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RERANKER_", extra="ignore", frozen=True)
+
+    # The model
+    model_path: Annotated[Path, Field(description="Local directory of the cross-encoder (mounted read-only).")]
+    model_name: str = Field("bge-reranker-base-local", description="Model id served by /v1/models and echoed.")
+    device: Device = Field(Device.auto, description="auto picks CUDA when a GPU is visible, else the CPU.")
+    dtype: DType = Field(
+        DType.auto,
+        description="auto = float16 on CUDA, bfloat16 on CPUs with native bf16 matrix instructions, else float32.",
+    )
+    max_length: int = Field(512, ge=8, le=8192, description="Tokens per (query, document) pair, special ones included.")
+    torch_threads: int = Field(
+        0, ge=0, description="Intra-op CPU threads per worker; 0 = the CPUs this process may use / workers."
+    )
+
+    # The server
+    host: str = Field("0.0.0.0", description="Address gunicorn binds.")
+    port: int = Field(9300, ge=1, le=65535, description="Port gunicorn binds.")
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        validation_alias=AliasChoices("WEB_CONCURRENCY", "RERANKER_WORKERS"),
+        description="Worker processes (WEB_CONCURRENCY); each loads its own copy of the model.",
+    )
+    api_key: str | None = Field(None, description="When set, every route but health, ready and metrics needs it.")
+    metrics_need_key: bool = Field(False, description="Also guard /metrics with the API key.")
+    worker_timeout: int = Field(
+        300, ge=10, description="Seconds gunicorn waits for a silent worker: must cover model load + warm-up."
+    )
+    graceful_timeout: int = Field(30, ge=1, description="Seconds a stopping worker gets to finish its requests.")
+    log_level: str = Field("info", description="debug, info, warning or error.")
+    access_log: bool = Field(True, description="One structured line per request.")
+
+    # Batching and limits
+    max_batch_tokens: int = Field(
+        16384, ge=64, description="Padded tokens in one forward pass (batch pairs × longest pair)."
+    )
+    max_batch_pairs: int = Field(256, ge=1, description="Pairs in one forward pass at most.")
+    max_queue_pairs: int = Field(
+        8192, ge=1, description="Pairs waiting in one worker's queue; past it requests get 429 with Retry-After."
+    )
+    max_documents: int = Field(1000, ge=1, description="Documents in one request at most (413 past it).")
+    max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Request body size at most (413 past it).")
+
+    # Long documents
+    long_documents: LongDocuments = Field(
+        LongDocuments.truncate,
+        description="Default for requests that do not ask: truncate, or chunk into windows and keep the best.",
+    )
+    default_max_chunks: int = Field(8, ge=1, description="Windows per document when chunking by default.")
+    default_overlap_tokens: int = Field(80, ge=0, description="Tokens shared by neighbouring windows by default.")
+    max_query_share: float = Field(
+        0.5, gt=0.0, le=0.9, description="Share of a pair's length a query may take; longer queries are truncated."
+    )
+    max_windows_per_request: int = Field(
+        4096, ge=1, description="Scored windows (pairs) in one request at most (413 past it)."
+    )
+
+    # Third-party variables, read under their own names
+    prometheus_multiproc_dir: Path = Field(
+        Path("/tmp/reranker-metrics"),
+        validation_alias="PROMETHEUS_MULTIPROC_DIR",
+        description="Where the workers' metric files live; wiped when the server starts.",
+    )
+
+    @field_validator("model_path")
+    @classmethod
+    def _model_path_is_a_model(cls, path: Path) -> Path:
+        problem = model_dir_problem(path)
+        if problem:
+            raise ValueError(problem)
+        return path
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_log_level(cls, level: str) -> str:
+        if level.lower() not in {"debug", "info", "warning", "error", "critical"}:
+            raise ValueError("must be one of debug, info, warning, error, critical")
+        return level.lower()
+
+    @field_validator("api_key")
+    @classmethod
+    def _empty_key_is_no_key(cls, key: str | None) -> str | None:
+        return key or None
+
+    @model_validator(mode="after")
+    def _batch_fits_one_pair(self) -> Settings:
+        if self.max_batch_tokens < self.max_length:
+            raise ValueError(
+                f"RERANKER_MAX_BATCH_TOKENS ({self.max_batch_tokens}) must be at least RERANKER_MAX_LENGTH "
+                f"({self.max_length}), or a full-length pair could never be scored"
+            )
+        return self
+
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "sentencepiece.bpe.model", "vocab.txt", "spiece.model", "vocab.json")
+
+
+def model_dir_problem(path: Path) -> str | None:
+    """Why ``path`` is not a loadable model directory, or None. Cheap file checks only: no torch, no CUDA."""
+    if not path.exists():
+        return f"model directory {path} does not exist (mount the model there or set RERANKER_MODEL_PATH)"
+    if not path.is_dir():
+        return f"model path {path} is not a directory"
+    if not os.access(path, os.R_OK | os.X_OK):
+        return f"model directory {path} is not readable by this user (uid {os.getuid()})"
+    if not (path / "config.json").is_file():
+        return f"model directory {path} has no config.json: is it a Hugging Face model directory?"
+    if not any((path / name).is_file() for name in WEIGHT_FILES):
+        return f"model directory {path} has no weights ({', '.join(WEIGHT_FILES[:2])})"
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        return f"model directory {path} has no tokenizer files (tokenizer.json or sentencepiece.bpe.model)"
+    return None
+
+
+class SettingsError(Exception):
+    """A setting is missing or invalid; the message is one line that names it."""
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors():
+        field = str(item["loc"][0]) if item["loc"] else ""
+        env_name = _env_name(field)
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "missing":
+            message = "is required"
+        parts.append(f"{env_name}: {message}" if env_name else message)
+    return "invalid configuration: " + "; ".join(parts)
+
+
+def _env_name(field: str) -> str:
+    """The environment variable behind a field (errors may report a field or its alias)."""
+    info = Settings.model_fields.get(field)
+    if info is None:
+        return field  # already an alias such as WEB_CONCURRENCY
+    if isinstance(info.validation_alias, str):
+        return info.validation_alias
+    return f"RERANKER_{field.upper()}"
+
+
+def load_settings() -> Settings:
+    """Read the settings from the environment; raise :class:`SettingsError` with one clear line if invalid."""
+    try:
+        return Settings()  # type: ignore[call-arg]  # model_path comes from the environment
+    except ValidationError as error:
+        raise SettingsError(describe_validation_error(error)) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return load_settings()

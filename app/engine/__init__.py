@@ -1,0 +1,1 @@
+"""Model side: tokenise → forward → scores. Never imports FastAPI; only ``torch_backend`` imports torch."""

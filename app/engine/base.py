@@ -1,0 +1,161 @@
+"""What every backend shares: encoded pairs, the long-document policy, the pair encoder and the interface.
+
+Encoding happens per request (in a thread, before batching) so the batcher knows each pair's real token count
+and can fill batches on a token budget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedPair:
+    """One (query, document window) pair, special tokens included, ready for the model."""
+
+    input_ids: list[int]
+    type_ids: list[int]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass(frozen=True, slots=True)
+class WindowPolicy:
+    """How a document longer than the room beside the query is handled.
+
+    ``max_windows == 1`` truncates (the document side first). More windows split the document into windows of
+    the room left beside the query, neighbours sharing ``overlap`` tokens; the document scores its best window.
+    ``max_document_tokens`` cuts the document before windowing (Cohere v2 / vLLM ``max_tokens_per_doc``).
+    """
+
+    max_windows: int = 1
+    overlap: int = 0
+    max_document_tokens: int | None = None
+
+
+TRUNCATE = WindowPolicy()
+
+
+@dataclass(slots=True)
+class EncodedRequest:
+    """All windows of one request, flat, with the document each belongs to."""
+
+    pairs: list[EncodedPair] = field(default_factory=list)
+    document_of_pair: list[int] = field(default_factory=list)
+    # Per document: its first pair's position in ``pairs`` and how many windows it has.
+    first_pair: list[int] = field(default_factory=list)
+    window_count: list[int] = field(default_factory=list)
+    truncated: list[bool] = field(default_factory=list)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(len(pair) for pair in self.pairs)
+
+
+@dataclass(frozen=True, slots=True)
+class PairTemplate:
+    """Where a model's special tokens go around a pair, e.g. XLM-R ``<s> A </s></s> B </s>``."""
+
+    prefix: tuple[int, ...]
+    middle: tuple[int, ...]
+    suffix: tuple[int, ...]
+    prefix_type: int = 0
+    first_type: int = 0
+    second_type: int = 0
+
+    @property
+    def special_count(self) -> int:
+        return len(self.prefix) + len(self.middle) + len(self.suffix)
+
+    def build(self, first: Sequence[int], second: Sequence[int]) -> EncodedPair:
+        ids = [*self.prefix, *first, *self.middle, *second, *self.suffix]
+        head = len(self.prefix) + len(first) + len(self.middle)
+        types = [self.first_type] * head + [self.second_type] * (len(second) + len(self.suffix))
+        return EncodedPair(ids, types)
+
+
+class PairEncoder:
+    """Turns (query, documents) into model-ready pairs, truncating or windowing long documents.
+
+    ``tokenize`` maps texts to token ids without special tokens; ``template`` places the special tokens.
+    """
+
+    def __init__(
+        self,
+        tokenize: Callable[[list[str]], list[list[int]]],
+        template: PairTemplate,
+        *,
+        max_length: int,
+        max_query_share: float,
+    ) -> None:
+        self._tokenize = tokenize
+        self.template = template
+        self.max_length = max_length
+        # A query never takes more than this, so a document always keeps room beside it.
+        self.max_query_tokens = max(1, int((max_length - template.special_count) * max_query_share))
+
+    def encode(self, query: str, documents: Sequence[str], policy: WindowPolicy = TRUNCATE) -> EncodedRequest:
+        if not documents:
+            return EncodedRequest()
+        query_ids, *document_ids = self._tokenize([query, *documents])
+        request = EncodedRequest()
+        for index, doc_ids in enumerate(document_ids):
+            if policy.max_document_tokens is not None and len(doc_ids) > policy.max_document_tokens:
+                doc_ids = doc_ids[: policy.max_document_tokens]
+            windows, truncated = self.windows(query_ids, doc_ids, policy)
+            request.first_pair.append(len(request.pairs))
+            request.window_count.append(len(windows))
+            request.truncated.append(truncated)
+            for kept_query, window in windows:
+                request.pairs.append(self.template.build(kept_query, window))
+                request.document_of_pair.append(index)
+        return request
+
+    def windows(
+        self, query_ids: list[int], doc_ids: list[int], policy: WindowPolicy
+    ) -> tuple[list[tuple[list[int], list[int]]], bool]:
+        """The (query, document window) token lists to score, and whether any document token was dropped."""
+        budget = self.max_length - self.template.special_count
+        if len(query_ids) + len(doc_ids) <= budget:
+            return [(query_ids, doc_ids)], False
+        # Too long: the document gives way first; the query is cut only down to its share of the window.
+        query_keep = min(len(query_ids), max(self.max_query_tokens, budget - len(doc_ids)))
+        query_ids = query_ids[:query_keep]
+        room = budget - query_keep
+        if len(doc_ids) <= room:
+            return [(query_ids, doc_ids)], False
+        overlap = min(policy.overlap, room // 2)  # a window always moves forward by at least half its size
+        stride = room - overlap
+        windows: list[tuple[list[int], list[int]]] = []
+        start = 0
+        while len(windows) < policy.max_windows:
+            windows.append((query_ids, doc_ids[start : start + room]))
+            if start + room >= len(doc_ids):
+                return windows, False
+            start += stride
+        return windows, True
+
+
+class Backend(Protocol):
+    """What the batcher and the service need from a model backend. Methods are blocking: call them in threads."""
+
+    encoder: PairEncoder
+
+    def forward(self, pairs: Sequence[EncodedPair]) -> list[float]:
+        """Logits (float32, one per pair) for pairs of any lengths; padding is the backend's business."""
+        ...
+
+    def warm_up(self) -> None:
+        """Run representative shapes once so the first real request is not slow."""
+        ...
+
+    def check(self) -> None:
+        """Raise if the model cannot score right now (files gone, device error); used by readiness."""
+        ...
+
+    def describe(self) -> dict[str, str]:
+        """Facts for logs and /v1/models (device, dtype, ...)."""
+        ...

@@ -1,0 +1,190 @@
+"""The PyTorch backend: loads a local cross-encoder directory offline and scores padded batches."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+# Nothing is ever fetched at run time; set before transformers is imported.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tokenizers import Tokenizer  # noqa: E402
+
+from app.config import Device, DType, Settings, model_dir_problem  # noqa: E402
+from app.engine.base import EncodedPair, PairEncoder, PairTemplate  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+
+class ModelLoadError(RuntimeError):
+    """The model directory cannot be loaded; the message names the path and the reason."""
+
+
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with bf16 matrix instructions (AVX512-BF16 or AMX), where bf16 beats float32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def resolve_device(device: Device) -> torch.device:
+    if device is Device.cuda and not torch.cuda.is_available():
+        raise ModelLoadError("RERANKER_DEVICE=cuda but no CUDA device is visible (check the GPU reservation)")
+    if device is Device.cuda or (device is Device.auto and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def resolve_dtype(dtype: DType, device: torch.device) -> torch.dtype:
+    if dtype is DType.auto:
+        if device.type == "cuda":
+            return torch.float16
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    return {DType.float32: torch.float32, DType.float16: torch.float16, DType.bfloat16: torch.bfloat16}[dtype]
+
+
+def infer_pair_template(tokenizer: Tokenizer) -> PairTemplate:
+    """Learn where the model's special tokens go by post-processing two probe sequences."""
+    first = tokenizer.encode("a", add_special_tokens=False)
+    second = tokenizer.encode("b", add_special_tokens=False)
+    pair = tokenizer.post_process(first, second, add_special_tokens=True)
+    sequence_ids = pair.sequence_ids
+    ids, types = pair.ids, pair.type_ids
+    first_at = [i for i, s in enumerate(sequence_ids) if s == 0]
+    second_at = [i for i, s in enumerate(sequence_ids) if s == 1]
+    if not first_at or not second_at:
+        raise ModelLoadError("the tokenizer's post-processor does not build (query, document) pairs")
+    return PairTemplate(
+        prefix=tuple(ids[: first_at[0]]),
+        middle=tuple(ids[first_at[-1] + 1 : second_at[0]]),
+        suffix=tuple(ids[second_at[-1] + 1 :]),
+        prefix_type=types[0] if first_at[0] > 0 else types[first_at[0]],
+        first_type=types[first_at[0]],
+        second_type=types[second_at[0]],
+    )
+
+
+class TorchBackend:
+    """A sequence-classification cross-encoder on one device. Thread-safe for concurrent ``forward`` calls."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.model_path = settings.model_path
+        self.device = resolve_device(settings.device)
+        self.dtype = resolve_dtype(settings.dtype, self.device)
+        if self.device.type == "cpu":
+            threads = settings.torch_threads or max(1, len(os.sched_getaffinity(0)) // settings.workers)
+            torch.set_num_threads(threads)
+        self.model, hf_tokenizer = self._load(settings.model_path)
+        fast: Tokenizer = hf_tokenizer.backend_tokenizer
+        # A private copy without the file's own truncation/padding: windows and padding are done here.
+        self._tokenizer = Tokenizer.from_str(fast.to_str())
+        self._tokenizer.no_truncation()
+        self._tokenizer.no_padding()
+        self.pad_id = int(hf_tokenizer.pad_token_id if hf_tokenizer.pad_token_id is not None else 0)
+        self.uses_type_ids = "token_type_ids" in hf_tokenizer.model_input_names
+        positions = getattr(self.model.config, "max_position_embeddings", settings.max_length)
+        # RoBERTa-family models reserve padding_idx + 1 positions (514 positions hold 512 tokens).
+        offset = 2 if getattr(self.model.config, "model_type", "") in {"roberta", "xlm-roberta", "camembert"} else 0
+        max_length = min(settings.max_length, positions - offset)
+        self.encoder = PairEncoder(
+            self._tokenize,
+            infer_pair_template(self._tokenizer),
+            max_length=max_length,
+            max_query_share=settings.max_query_share,
+        )
+        self.num_labels = int(self.model.config.num_labels)
+        if self.num_labels not in (1, 2):
+            raise ModelLoadError(
+                f"model at {self.model_path} has {self.num_labels} labels; a reranker has 1 (or 2: not/relevant)"
+            )
+
+    def _load(self, path: Path) -> tuple[Any, Any]:
+        problem = model_dir_problem(path)
+        if problem:
+            raise ModelLoadError(problem)
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        started = time.perf_counter()
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except Exception as error:
+            raise ModelLoadError(f"cannot load the tokenizer from {path}: {error}") from error
+        if not getattr(tokenizer, "is_fast", False):
+            raise ModelLoadError(f"the tokenizer in {path} has no fast (tokenizer.json) version")
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, local_files_only=True, dtype=self.dtype, attn_implementation="sdpa"
+            )
+        except Exception as error:
+            raise ModelLoadError(f"cannot load the model from {path}: {error}") from error
+        model.to(self.device).eval()
+        logger.info(
+            "loaded model from %s on %s as %s in %.1fs",
+            path, self.device, str(self.dtype).removeprefix("torch."), time.perf_counter() - started,
+        )
+        return model, tokenizer
+
+    def _tokenize(self, texts: list[str]) -> list[list[int]]:
+        return [encoding.ids for encoding in self._tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+    def forward(self, pairs: Sequence[EncodedPair]) -> list[float]:
+        if not pairs:
+            return []
+        longest = max(len(pair) for pair in pairs)
+        input_ids = np.full((len(pairs), longest), self.pad_id, dtype=np.int64)
+        attention = np.zeros((len(pairs), longest), dtype=np.int64)
+        types = np.zeros((len(pairs), longest), dtype=np.int64) if self.uses_type_ids else None
+        for row, pair in enumerate(pairs):
+            input_ids[row, : len(pair)] = pair.input_ids
+            attention[row, : len(pair)] = 1
+            if types is not None:
+                types[row, : len(pair)] = pair.type_ids
+        inputs = {
+            "input_ids": torch.from_numpy(input_ids).to(self.device, non_blocking=True),
+            "attention_mask": torch.from_numpy(attention).to(self.device, non_blocking=True),
+        }
+        if types is not None:
+            inputs["token_type_ids"] = torch.from_numpy(types).to(self.device, non_blocking=True)
+        with torch.inference_mode():
+            logits = self.model(**inputs).logits.float()  # float32 before the sigmoid: no bf16/fp16 ties
+        if self.num_labels == 2:
+            # log-odds of "relevant", so sigmoid(logit) is the softmax probability of label 1
+            logits = logits[:, 1] - logits[:, 0]
+        else:
+            logits = logits[:, 0]
+        return [float(value) for value in logits.cpu().numpy()]
+
+    def warm_up(self) -> None:
+        started = time.perf_counter()
+        encoder = self.encoder
+        for words, batch in ((8, 1), (60, 8), (encoder.max_length, 2)):
+            text = " ".join(["warm"] * words)
+            request = encoder.encode("warm up", [text] * batch)
+            self.forward(request.pairs)
+        logger.info("warmed up in %.2fs", time.perf_counter() - started)
+
+    def check(self) -> None:
+        problem = model_dir_problem(self.model_path)
+        if problem:
+            raise RuntimeError(problem)
+        request = self.encoder.encode("health", ["check"])
+        scores = self.forward(request.pairs)
+        if not np.isfinite(scores).all():
+            raise RuntimeError("the model returned a non-finite score")
+
+    def describe(self) -> dict[str, str]:
+        return {
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "max_length": str(self.encoder.max_length),
+            "threads": str(torch.get_num_threads()),
+        }

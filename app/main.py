@@ -1,0 +1,67 @@
+"""The FastAPI application. gunicorn loads it with ``app.main:create_app()`` in every worker.
+
+The lifespan owns the model: it is loaded and warmed after gunicorn forks (nothing CUDA in the master), and
+on shutdown the worker stops taking work and finishes what is queued.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app import __version__, metrics
+from app.api.errors import install_error_handlers
+from app.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
+from app.api.routes import ops_router, router
+from app.config import Settings, get_settings
+from app.engine.base import Backend
+from app.service import RerankService
+
+logger = logging.getLogger(__name__)
+
+
+def torch_backend_factory(settings: Settings) -> Callable[[], Backend]:
+    def load() -> Backend:
+        from app.engine.torch_backend import TorchBackend  # imported here: the HTTP layer never needs torch
+
+        return TorchBackend(settings)
+
+    return load
+
+
+def create_app(settings: Settings | None = None, *, backend_factory: Callable[[], Backend] | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    service = RerankService(settings, backend_factory or torch_backend_factory(settings))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        metrics.WORKERS_UP.set(1)
+        metrics.WORKERS_READY.set(0)
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.stop()
+            metrics.WORKERS_UP.set(0)
+
+    app = FastAPI(
+        title="Reranker",
+        version=__version__,
+        summary="Cross-encoder reranking for RAG stacks, in every client's dialect.",
+        lifespan=lifespan,
+        redirect_slashes=False,
+    )
+    app.state.settings = settings
+    app.state.service = service
+    app.state.started_at = int(time.time())
+    install_error_handlers(app)
+    app.include_router(ops_router)
+    app.include_router(router)
+    # Added last = outermost: the request id, log line and metrics cover the 413s of the body limit too.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(RequestContextMiddleware, access_log=settings.access_log)
+    return app

@@ -1,0 +1,49 @@
+"""gunicorn configuration, built from the service's settings (``python -m app`` and the image both use it).
+
+The master only manages workers: nothing loads the model or touches CUDA before the fork (``preload_app`` off);
+each uvicorn worker loads its own model in the FastAPI lifespan.
+"""
+
+import os
+
+from prometheus_client import multiprocess
+
+from app.config import load_settings
+
+_settings = load_settings()
+
+bind = [f"{_settings.host}:{_settings.port}"]
+workers = _settings.workers
+worker_class = "uvicorn_worker.UvicornWorker"
+preload_app = False
+# A worker is silent while it loads and warms its model: the timeout must cover that.
+timeout = _settings.worker_timeout
+# Below compose's stop_grace_period, so in-flight requests finish before Docker's SIGKILL.
+graceful_timeout = _settings.graceful_timeout
+keepalive = 75  # longer than the idle timeout of common clients' connection pools
+worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
+accesslog = None  # the app writes its own structured access line
+errorlog = "-"
+loglevel = _settings.log_level
+proc_name = "reranker"
+logconfig_dict = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "line": {"format": "%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s"},
+    },
+    "handlers": {
+        "stderr": {"class": "logging.StreamHandler", "formatter": "line", "stream": "ext://sys.stderr"},
+    },
+    "root": {"handlers": ["stderr"], "level": _settings.log_level.upper()},
+    "loggers": {
+        "gunicorn.error": {"handlers": ["stderr"], "level": _settings.log_level.upper(), "propagate": False},
+        "gunicorn.access": {"handlers": [], "level": "WARNING", "propagate": False},
+    },
+}
+
+
+def child_exit(server, worker):  # noqa: ARG001 - gunicorn's hook signature
+    # A dead worker's live gauges must stop counting (multiprocess "live*" modes).
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        multiprocess.mark_process_dead(worker.pid)
