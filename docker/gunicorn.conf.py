@@ -26,6 +26,7 @@ accesslog = None  # the app writes its own structured access line
 errorlog = "-"
 loglevel = _settings.log_level
 proc_name = "reranker"
+control_socket_disable = True  # gunicorn 27 writes one under $HOME; the container's root filesystem is read-only
 logconfig_dict = {
     "version": 1,
     "disable_existing_loggers": False,

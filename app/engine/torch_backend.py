@@ -12,6 +12,7 @@ from typing import Any
 # Nothing is ever fetched at run time; set before transformers is imported.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no progress bars in service logs
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -112,6 +113,9 @@ class TorchBackend:
         if problem:
             raise ModelLoadError(problem)
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
 
         started = time.perf_counter()
         try:
