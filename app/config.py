@@ -38,7 +38,7 @@ class LongDocuments(str, Enum):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="RERANKER_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(env_prefix="RERANKER_", extra="ignore", frozen=True, populate_by_name=True)
 
     # The model
     model_path: Annotated[Path, Field(description="Local directory of the cross-encoder (mounted read-only).")]

@@ -88,7 +88,9 @@ def validation_error(error: RequestValidationError) -> RerankError:
         detail = first.get("ctx", {}).get("error", "invalid JSON")
         return MalformedBodyError(f"the body is not valid JSON: {detail}", param="body")
     where = _location(tuple(first.get("loc", ())))
-    if first.get("type") == "missing" and where:
+    if first.get("type") == "missing" and not where:
+        return MalformedBodyError("the body is empty: send a JSON object", param="body")
+    if first.get("type") == "missing":
         return InvalidRequestError(f"{where} is required", param=where)
     if where in {"", "body"}:
         return InvalidRequestError(f"the body must be a JSON object: {first['msg']}", param="body")
