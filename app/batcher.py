@@ -141,7 +141,7 @@ class DynamicBatcher:
         width = max(len(pair) for pair in pairs)
         started = time.perf_counter()
         try:
-            scores = await loop.run_in_executor(self._executor, self._forward, pairs)
+            scores = await loop.run_in_executor(self._executor, self._forward_guarded, pairs)
         except asyncio.CancelledError:
             self._settle(len(live))
             raise
@@ -163,6 +163,13 @@ class DynamicBatcher:
             if not item.future.done():
                 item.future.set_result(score)
         self._settle(len(live))
+
+    def _forward_guarded(self, pairs: list[EncodedPair]) -> list[float]:
+        try:
+            return self._forward(pairs)
+        except StopIteration as error:
+            # asyncio cannot carry StopIteration through a future: the batch would never settle.
+            raise RuntimeError("forward pass raised StopIteration") from error
 
     def _settle(self, count: int) -> None:
         self._pending_pairs -= count
