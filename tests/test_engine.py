@@ -60,7 +60,7 @@ def documents(count: int, seed: int) -> list[str]:
 
 
 def test_scores_equal_cross_encoder_predict(backend: TorchBackend, cross_encoder) -> None:  # type: ignore[no-untyped-def]
-    docs = documents(12, seed=1) + ["", "What's the weather?", "naïve café 東京 🙂 \x00 mixed"]
+    docs = [*documents(12, seed=1), "", "What's the weather?", "naïve café 東京 🙂 \x00 mixed"]
     request = backend.encoder.encode(QUERY, docs)
     ours = sigmoid(backend.forward(request.pairs))
     reference = cross_encoder.predict([(QUERY, doc) for doc in docs])

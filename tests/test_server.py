@@ -150,7 +150,7 @@ def test_every_wire_shape_and_metrics_count_each_request_once(live_server: Serve
     rounds = 3
     with ThreadPoolExecutor(max_workers=8) as pool:
         answers = list(pool.map(send, SHAPES * rounds))
-    for (name, path, _headers, body, dialect), (answered, status, data) in zip(SHAPES * rounds, answers,
+    for (name, _path, _headers, body, dialect), (answered, status, data) in zip(SHAPES * rounds, answers,
                                                                                  strict=True):
         assert answered == name
         assert status == 200, (name, data)

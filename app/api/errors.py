@@ -85,7 +85,8 @@ def validation_error(error: RequestValidationError) -> RerankError:
     problems = error.errors()
     first = problems[0] if problems else {"loc": (), "msg": "invalid request", "type": ""}
     if first.get("type") == "json_invalid":
-        detail = first.get("ctx", {}).get("error", "invalid JSON")
+        context = first.get("ctx")
+        detail = context.get("error", "invalid JSON") if isinstance(context, dict) else "invalid JSON"
         return MalformedBodyError(f"the body is not valid JSON: {detail}", param="body")
     where = _location(tuple(first.get("loc", ())))
     if first.get("type") == "missing" and not where:

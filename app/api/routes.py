@@ -152,7 +152,10 @@ async def rerank(request: Request, body: RerankRequest, service: ServiceDep, set
     tei = body.texts is not None and body.documents is None
     request.scope["state"]["dialect"] = "tei" if tei else "standard"
     texts, outcome = await score_request(request, body, service, settings, truncate_only=False)
-    score_of = (lambda d: d.logit) if body.raw_scores else (lambda d: d.relevance_score)
+
+    def score_of(document: DocumentScore) -> float:
+        return document.logit if body.raw_scores else document.relevance_score
+
     if tei:
         answer: list[dict[str, Any]] = []
         for document in ranked(outcome, None):
