@@ -176,8 +176,11 @@ def _env_name(field: str) -> str:
     info = Settings.model_fields.get(field)
     if info is None:
         return field  # already an alias such as WEB_CONCURRENCY
-    if isinstance(info.validation_alias, str):
-        return info.validation_alias
+    alias = info.validation_alias
+    if isinstance(alias, AliasChoices):
+        alias = alias.choices[0]
+    if isinstance(alias, str):
+        return alias
     return f"RERANKER_{field.upper()}"
 
 

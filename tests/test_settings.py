@@ -1,0 +1,83 @@
+"""Settings: defaults, environment names, and one clear line for an invalid value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from app.config import DType, LongDocuments, Settings, SettingsError, load_settings, model_dir_problem
+from tests.test_api import fake_model_dir
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    return fake_model_dir(tmp_path / "model")
+
+
+def test_defaults(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RERANKER_MODEL_PATH", str(model_dir))
+    settings = load_settings()
+    assert settings.model_name == "bge-reranker-base-local"
+    assert (settings.host, settings.port, settings.max_length, settings.workers) == ("0.0.0.0", 9300, 512, 1)
+    assert settings.api_key is None and settings.dtype is DType.auto
+    assert settings.long_documents is LongDocuments.truncate
+
+
+def test_environment_names(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RERANKER_MODEL_PATH", str(model_dir))
+    monkeypatch.setenv("WEB_CONCURRENCY", "3")
+    monkeypatch.setenv("RERANKER_DTYPE", "float16")
+    monkeypatch.setenv("RERANKER_API_KEY", "")
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "/tmp/somewhere")
+    settings = load_settings()
+    assert settings.workers == 3 and settings.dtype is DType.float16
+    assert settings.api_key is None  # an empty key means no key, not a key of ""
+    assert settings.prometheus_multiproc_dir == Path("/tmp/somewhere")
+
+
+@pytest.mark.parametrize(
+    "variable, value, expected",
+    [
+        ("RERANKER_PORT", "http", "RERANKER_PORT: Input should be a valid integer"),
+        ("RERANKER_DEVICE", "tpu", "RERANKER_DEVICE: Input should be 'auto', 'cuda' or 'cpu'"),
+        ("WEB_CONCURRENCY", "0", "WEB_CONCURRENCY: Input should be greater than or equal to 1"),
+        ("RERANKER_MAX_BATCH_TOKENS", "100", "RERANKER_MAX_BATCH_TOKENS (100) must be at least RERANKER_MAX_LENGTH"),
+        ("RERANKER_LOG_LEVEL", "loud", "RERANKER_LOG_LEVEL: must be one of"),
+    ],
+)
+def test_an_invalid_value_is_one_line_naming_it(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch, variable: str, value: str, expected: str
+) -> None:
+    monkeypatch.setenv("RERANKER_MODEL_PATH", str(model_dir))
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError) as error:
+        load_settings()
+    assert expected in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_model_path_is_required(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RERANKER_MODEL_PATH", raising=False)
+    with pytest.raises(SettingsError, match="RERANKER_MODEL_PATH: is required"):
+        load_settings()
+
+
+def test_model_directory_problems_are_specific(tmp_path: Path) -> None:
+    assert "does not exist" in str(model_dir_problem(tmp_path / "missing"))
+    (tmp_path / "file").write_text("x")
+    assert "is not a directory" in str(model_dir_problem(tmp_path / "file"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "no config.json" in str(model_dir_problem(empty))
+    (empty / "config.json").write_text("{}")
+    assert "no weights" in str(model_dir_problem(empty))
+    (empty / "model.safetensors").write_text("")
+    assert "no tokenizer" in str(model_dir_problem(empty))
+    (empty / "tokenizer.json").write_text("{}")
+    assert model_dir_problem(empty) is None
+
+
+def test_settings_can_be_built_in_code(model_dir: Path) -> None:
+    settings = Settings(model_path=model_dir, workers=2, max_documents=10)
+    assert settings.workers == 2 and settings.max_documents == 10
