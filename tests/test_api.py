@@ -332,3 +332,51 @@ class TestRequestIdAndLogs:
         assert line["request_id"] == "log-check" and line["route"] == "/v1/rerank" and line["status"] == 200
         assert line["documents"] == 1 and line["tokens"] == 3 + 2 + 4 and line["latency_ms"] >= 0
         assert "confidential" not in caplog.text and "secret query" not in caplog.text
+
+
+class TestLongDocuments:
+    """With a 24-token window the fake model shows what chunking buys: the answer sits past the first window."""
+
+    FILLER = " ".join(f"filler{i}" for i in range(40))
+    LATE = f"{FILLER} red apple pie"  # the matching words are tokens 40-42, far past the first window
+
+    def test_chunking_finds_a_late_passage_that_truncation_misses(self, make_client: Any) -> None:
+        client = make_client(FakeBackend(max_length=24))
+        documents = [self.LATE, "apple"]
+        truncated = client.post("/v1/rerank", json={"query": QUERY, "documents": documents}).json()
+        assert [r["index"] for r in truncated["results"]] == [1, 0]
+        assert "chunk" not in truncated["results"][1]
+        chunked = client.post("/v1/rerank", json={"query": QUERY, "documents": documents,
+                                                  "max_chunks_per_doc": 10, "overlap_tokens": 4}).json()
+        assert [r["index"] for r in chunked["results"]] == [0, 1]
+        best = chunked["results"][0]
+        assert best["relevance_score"] == pytest.approx(sigmoid(2.0))
+        # room = 24 - 4 special - 3 query = 17, stride 13: windows start at 0, 13, 26 (the last holds 26..42)
+        assert best["chunk"] == {"index": 2, "count": 3}
+        # usage counts every scored window: 3 windows of the long document + "apple"
+        window_tokens = [3 + 17 + 4, 3 + 17 + 4, 3 + (43 - 26) + 4]
+        assert chunked["usage"]["total_tokens"] == sum(window_tokens) + (3 + 1 + 4)
+
+    def test_chunking_can_be_the_default(self, make_client: Any) -> None:
+        client = make_client(FakeBackend(max_length=24), long_documents="chunk")
+        results = client.post("/v1/rerank", json={"query": QUERY, "documents": [self.LATE, "apple"]}).json()
+        assert results["results"][0]["index"] == 0
+
+    def test_max_tokens_per_doc_limits_what_is_scored(self, make_client: Any) -> None:
+        client = make_client(FakeBackend(max_length=24))
+        body = {"query": QUERY, "documents": [self.LATE, "apple"], "max_tokens_per_doc": 30}
+        results = client.post("/v2/rerank", json=body).json()["results"]
+        assert [r["index"] for r in results] == [1, 0]  # the answer lies past token 30: not scored
+        body["max_tokens_per_doc"] = 4096
+        assert client.post("/v2/rerank", json=body).json()["results"][0]["index"] == 0
+
+    def test_short_documents_are_unchanged_by_chunking(self, client: TestClient) -> None:
+        plain = client.post("/v1/rerank", json={"query": QUERY, "documents": DOCUMENTS}).json()["results"]
+        chunked = client.post("/v1/rerank", json={"query": QUERY, "documents": DOCUMENTS,
+                                                  "max_chunks_per_doc": 8, "overlap_tokens": 80}).json()["results"]
+        assert plain == chunked
+
+    def test_too_many_windows_is_a_413(self, make_client: Any) -> None:
+        client = make_client(FakeBackend(max_length=24), max_windows_per_request=5)
+        body = {"query": QUERY, "documents": [self.LATE, self.LATE], "max_chunks_per_doc": 10}
+        assert_error(client.post("/v1/rerank", json=body), 413, "documents", "limit is 5")
