@@ -121,14 +121,27 @@ def test_compose_configuration(stack: Stack) -> None:
     assert not SERVICE.startswith("rerank")  # see RERANK_WIRE.md: RAGFlow looks for "/rerank" in the base URL
 
 
-def test_missing_model_dir_variable_is_refused_by_compose(stack: Stack) -> None:
-    env_file = stack.workdir / "no-model.env"
-    env_file.write_text(
-        "\n".join(line for line in stack.env_file.read_text().splitlines() if not line.startswith("MODEL_DIR="))
-    )
-    result = run(["docker", "compose", "--env-file", str(env_file), "-f", "compose.yaml", "config"])
+def test_missing_model_dir_is_refused_by_compose(stack: Stack) -> None:
+    """MODEL_DIR unset: compose names the variable. MODEL_DIR absent on disk: no container, no empty directory."""
+    lines = [line for line in stack.env_file.read_text().splitlines() if not line.startswith("MODEL_DIR=")]
+    unset = stack.workdir / "no-model.env"
+    unset.write_text("\n".join(lines) + "\n")
+    result = run(["docker", "compose", "--env-file", str(unset), "-f", "compose.yaml", "config"])
     assert result.returncode != 0
     assert "MODEL_DIR" in result.stderr
+
+    missing_dir = stack.workdir / "no-such-model"
+    missing = stack.workdir / "missing-model.env"
+    missing.write_text("\n".join([*lines, f"MODEL_DIR={missing_dir}"]) + "\n")
+    project = ["docker", "compose", "-p", f"{stack.project}-missing", "--env-file", str(missing)]
+    project += ["-f", "compose.yaml", "-f", "compose.cpu.yaml"]
+    try:
+        result = run([*project, "up", "-d", "--no-build", SERVICE], timeout=120)
+        assert result.returncode != 0
+        assert "does not exist" in result.stderr and str(missing_dir) in result.stderr, result.stderr
+        assert not missing_dir.exists()
+    finally:
+        run([*project, "down", "--volumes", "--remove-orphans", "--timeout", "5"], timeout=120)
 
 
 # --- RAGFlow and the other clients, on the published port ------------------------------------------------------
