@@ -10,6 +10,7 @@ Each pair's score depends only on the pair: padding is masked, so batching never
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -85,10 +86,8 @@ class DynamicBatcher:
             await asyncio.sleep(0.05)
         if self._consumer is not None:
             self._consumer.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._consumer
-            except asyncio.CancelledError:
-                pass
         for item in self._waiting:
             if not item.future.done():
                 item.future.set_exception(NotReadyError("the worker is shutting down"))

@@ -27,7 +27,7 @@ step "Python environment ($VENV)"
 export PATH="$PWD/$VENV/bin:$PATH"
 
 step "Lint (ruff)"
-ruff check app tests bench scripts 2>/dev/null || ruff check app tests
+ruff check .
 
 step "Types (mypy, strict, app/)"
 mypy

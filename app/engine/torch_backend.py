@@ -14,12 +14,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no progress bars in service logs
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from tokenizers import Tokenizer  # noqa: E402
+import numpy as np
+import torch
+from tokenizers import Tokenizer
 
-from app.config import Device, DType, Settings, model_dir_problem  # noqa: E402
-from app.engine.base import EncodedPair, PairEncoder, PairTemplate  # noqa: E402
+from app.config import Device, DType, Settings, model_dir_problem
+from app.engine.base import EncodedPair, PairEncoder, PairTemplate
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class TorchBackend:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
         from transformers.utils import logging as transformers_logging
 
-        transformers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
         started = time.perf_counter()
         try:
