@@ -20,6 +20,6 @@ try:
         sys.exit(0 if response.status == 200 else 1)
 except urllib.error.HTTPError as error:  # 503 while loading, warming up or draining
     print(f"{url}: {error.code}", file=sys.stderr)
-except Exception as error:  # noqa: BLE001 - any failure means "not healthy"
+except Exception as error:  # refused, timed out, reset: any failure means "not healthy"
     print(f"{url}: {error}", file=sys.stderr)
 sys.exit(1)

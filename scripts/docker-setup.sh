@@ -39,7 +39,7 @@ DEBIAN_MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 
 START=$(date +%s)
 log() { printf '[docker-setup +%ss] %s\n' "$(($(date +%s) - START))" "$*" >&2; }
-die() { log "ERROR: $*"; exit "${2:-1}"; }
+die() { log "ERROR: $1"; exit "${2:-1}"; }
 is_root() { [ "$(id -u)" -eq 0 ]; }
 engine_answers() { timeout 20 docker info >/dev/null 2>&1; }
 
