@@ -224,6 +224,10 @@ def stack(docker_engine: None) -> Iterator[Stack]:
         if created_network:
             run(["docker", "network", "rm", RAGFLOW_NETWORK])
         shutil.rmtree(workdir, ignore_errors=True)
+        # The CPU torch wheel was put in docker/wheels for this build only; left there it would win over
+        # PyPI's CUDA build in a later GPU image build from this checkout (setup re-links it in a second).
+        for wheel in (Path(__file__).resolve().parents[2] / "docker" / "wheels").glob("torch-*+cpu-*.whl"):
+            wheel.unlink(missing_ok=True)
         TIMINGS["suite (total)"] = time.monotonic() - suite_started
 
     try:
