@@ -34,6 +34,10 @@ def sigmoid(logit: float) -> float:
     return exp / (1.0 + exp)
 
 
+def _encode_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=2, thread_name_prefix="encode")
+
+
 @dataclass(frozen=True, slots=True)
 class DocumentScore:
     index: int
@@ -57,7 +61,7 @@ class RerankService:
         self.backend: Backend | None = None
         self.batcher: DynamicBatcher | None = None
         self.state = "starting"  # starting → ready → draining; "failed" if loading failed
-        self._encode_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="encode")
+        self._encode_pool = _encode_pool()
         self._health_checked_at = -math.inf
         self._health_error: str | None = None
         self._health_lock = asyncio.Lock()
@@ -69,6 +73,11 @@ class RerankService:
     async def start(self) -> None:
         """Load and warm the model in a thread; raises (and the worker fails to boot) if it cannot."""
         started = time.perf_counter()
+        # A fresh pool: stop() shut the previous one down, and an app may be started again in one process
+        # (test clients run the lifespan once per client).
+        self._encode_pool = _encode_pool()
+        self._health_checked_at = -math.inf
+        self._health_error = None
         try:
             backend = await asyncio.to_thread(self._backend_factory)
             await asyncio.to_thread(backend.warm_up)
