@@ -20,6 +20,10 @@ class MalformedBodyError(RerankError):
     """The body is not parseable JSON (syntax, encoding, nesting)."""
 
 
+class UnsupportedMediaTypeError(RerankError):
+    """The body was sent with a Content-Type other than JSON (or none), so it was never parsed as JSON."""
+
+
 class PayloadTooLargeError(RerankError):
     """The body, the document count or the work a request asks for is over a configured limit."""
 

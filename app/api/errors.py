@@ -24,6 +24,7 @@ from app.errors import (
     OverloadedError,
     PayloadTooLargeError,
     RerankError,
+    UnsupportedMediaTypeError,
 )
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ ERROR_STATUS: dict[type[RerankError], tuple[int, str]] = {
     MalformedBodyError: (400, "invalid_request_error"),
     AuthenticationError: (401, "authentication_error"),
     PayloadTooLargeError: (413, "request_too_large"),
+    UnsupportedMediaTypeError: (415, "invalid_request_error"),
     InvalidRequestError: (422, "invalid_request_error"),
     OverloadedError: (429, "overloaded_error"),
     ClientDisconnected: (499, "client_closed_request"),
@@ -108,6 +110,16 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, error: RequestValidationError) -> JSONResponse:
+        if isinstance(error.body, bytes | bytearray) and error.body:
+            # FastAPI parses JSON only under a JSON Content-Type (a missing one included, against CSRF), so
+            # the body arrived as raw bytes: say what to send instead of "must be a JSON object".
+            content_type = (request.headers.get("content-type") or "none")[:100]
+            return error_response(
+                UnsupportedMediaTypeError(
+                    f"send the body as JSON with Content-Type: application/json (got {content_type!r})",
+                    param="content-type",
+                )
+            )
         return error_response(validation_error(error))
 
     @app.exception_handler(StarletteHTTPException)

@@ -40,7 +40,7 @@ NVIDIA_PATHS = ("/v1/reranking", "/reranking")
 MODEL_PATHS = ("/v1/models", "/models")
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorEnvelope} for status in (400, 401, 413, 422, 429, 503)
+    status: {"model": ErrorEnvelope} for status in (400, 401, 413, 415, 422, 429, 500, 503)
 }
 
 router = APIRouter(dependencies=[ApiKeyDep])
@@ -89,6 +89,19 @@ def document_texts(body: RerankRequest) -> list[str]:
     raise InvalidRequestError("documents is required (a list of strings)", param="documents")
 
 
+def require_unicode(text: str, param: str) -> None:
+    """Refuse text that is not valid Unicode: a lone UTF-16 surrogate (JSON ``"\\ud800"``) parses into a Python
+    string that no tokenizer or UTF-8 encoder accepts, so it would otherwise fail as a 500."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        code = ord(text[error.start])
+        raise InvalidRequestError(
+            f"{param} is not valid Unicode: unpaired surrogate \\u{code:04x} at character {error.start}",
+            param=param,
+        ) from None
+
+
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     """Await ``work``, but cancel it — withdrawing its queued pairs — if the client goes away first."""
     work_task = asyncio.ensure_future(work)
@@ -118,12 +131,15 @@ async def score_request(request: Request, body: RerankRequest, service: ServiceD
     query = body.query.text if isinstance(body.query, TextObject) else body.query
     if not query.strip():
         raise InvalidRequestError("query must be a non-empty string", param="query")
+    require_unicode(query, "query")
     texts = document_texts(body)
     if len(texts) > settings.max_documents:
         raise PayloadTooLargeError(
             f"{len(texts)} documents sent; the limit is {settings.max_documents} (RERANKER_MAX_DOCUMENTS)",
             param="documents",
         )
+    for position, text in enumerate(texts):
+        require_unicode(text, f"documents[{position}]")
     state = request.scope["state"]
     state["documents"] = len(texts)
     DOCUMENTS.inc(len(texts))
