@@ -78,6 +78,8 @@ def test_fuzzing_also_covers_the_unauthenticated_path() -> None:
     """Every operation, without and with a wrong key: 401 envelopes, or 200 for the open operations."""
     from fastapi.testclient import TestClient
 
+    if fuzz_calls:
+        print(f"\nfuzzing sent {len(fuzz_calls)} requests to {len(fuzz_schema)} operations")
     with TestClient(_fuzz_app) as client:
         for path, methods in client.get("/openapi.json").json()["paths"].items():
             for method in methods:
