@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from app import metrics
 from app.engine.base import EncodedPair
-from app.errors import EngineFailure, NotReadyError, OverloadedError
+from app.errors import EngineFailure, NotReadyError, OverloadedError, PayloadTooLargeError
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +100,13 @@ class DynamicBatcher:
             raise NotReadyError("the worker is not accepting work (starting or shutting down)")
         if not pairs:
             return []
+        if len(pairs) > self.max_queue_pairs:
+            # Never fits, however empty the queue: a 429 would have the client retry forever.
+            raise PayloadTooLargeError(
+                f"this request needs {len(pairs)} scored pairs; a worker queues at most {self.max_queue_pairs} "
+                "(RERANKER_MAX_QUEUE_PAIRS): send fewer documents",
+                param="documents",
+            )
         if self._pending_pairs + len(pairs) > self.max_queue_pairs:
             metrics.REJECTED.labels("overloaded").inc()
             raise OverloadedError(

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -252,12 +254,23 @@ class TestErrors:
         assert_error(client.get("/v1/rerank"), 405)
 
     def test_overloaded_worker_answers_429_with_retry_after(self, make_client: Any) -> None:
-        client = make_client(max_queue_pairs=3)
-        response = client.post("/v1/rerank", json={"query": "q", "documents": ["a"] * 4})
+        backend = FakeBackend(forward_delay_s=0.5)
+        client = make_client(backend, max_queue_pairs=3)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            busy = pool.submit(client.post, "/v1/rerank", json={"query": "q", "documents": ["a"] * 3})
+            time.sleep(0.2)  # the first request holds all 3 places of the queue
+            response = client.post("/v1/rerank", json={"query": "q", "documents": ["a"]})
+            assert busy.result().status_code == 200
         assert_error(response, 429, None, "queued")
         assert int(response.headers["retry-after"]) >= 1
-        # and it still serves what fits
+        # and it serves again once the queue has drained
         assert client.post("/v1/rerank", json={"query": "q", "documents": ["a"] * 3}).status_code == 200
+
+    def test_a_request_larger_than_the_whole_queue_is_413_not_429(self, make_client: Any) -> None:
+        client = make_client(max_queue_pairs=3)
+        response = client.post("/v1/rerank", json={"query": "q", "documents": ["a"] * 4})
+        assert_error(response, 413, "documents", "at most 3")
+        assert "retry-after" not in response.headers
 
     def test_forward_failure_is_a_500_envelope_and_the_next_request_works(self, make_client: Any) -> None:
         backend = FakeBackend()
