@@ -44,7 +44,7 @@ logconfig_dict = {
 }
 
 
-def child_exit(server, worker):  # noqa: ARG001 - gunicorn's hook signature
+def child_exit(server, worker):  # gunicorn hook signature; server is unused
     # A dead worker's live gauges must stop counting (multiprocess "live*" modes).
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         multiprocess.mark_process_dead(worker.pid)

@@ -4,7 +4,7 @@
 The long version of ``tests/reliability`` (whose tests take seconds each). It starts ``python -m app``
 (gunicorn + uvicorn workers, exactly as the container runs it) on 127.0.0.1 only, on the tiny test model unless
 ``--model`` names another, and prints one line of figures per phase and a JSON summary at the end. The figures
-in README.md, "Reliability and security" come from it.
+in the README come from it.
 
     python scripts/soak.py                      # ~5 minutes: 3 min of load, then the fault phases
     python scripts/soak.py --load-minutes 10 --clients 8
@@ -365,7 +365,7 @@ def main() -> None:
 
 
 def broken_promises(figures: dict[str, Any]) -> list[str]:
-    """The promises of README.md, "Reliability and security" that these figures break (none, when all is well)."""
+    """The promises of the README that these figures break (none, when all is well)."""
     problems = []
     for name in ("load", "overload", "kill", "vanish"):
         if figures.get(name, {}).get("wrong_answers"):

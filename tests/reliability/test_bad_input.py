@@ -1,5 +1,5 @@
 """Bad input: property-based fuzzing of every route from the OpenAPI spec, and a hand-written catalogue of hostile
-requests against a real ``python -m app`` server. Each gets its documented status (README.md, "Reliability and security"), and the
+requests against a real ``python -m app`` server. Each gets its documented status (the README), and the
 worker keeps serving correct scores afterwards.
 """
 

@@ -1,7 +1,7 @@
 """Load: sustained concurrent load ends with zero errors and bounded memory; past capacity the service sheds
 load with 429 + Retry-After, stays healthy, and serves again as soon as the load drops.
 
-Short versions of ``scripts/soak.py`` (which runs minutes and prints the figures quoted in README.md, "Reliability and security").
+Short versions of ``scripts/soak.py`` (which runs minutes and prints the figures quoted in the README).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.reliability
 
 # A worker's RSS may grow this much between the end of a warm-up load and the end of the measured load, with
 # glibc's heap retention turned off (below). With the default allocator, RSS also climbs by freed memory that
-# glibc keeps (+28 to +240 MiB over minutes, returned by malloc_trim: not a leak; see README.md, "Reliability and security"), which
+# glibc keeps (+28 to +240 MiB over minutes, returned by malloc_trim: not a leak; see the README), which
 # would hide a real leak; with large blocks always mmapped, RSS is flat (+6 MiB in 3 minutes), so growth here is
 # memory the service still holds.
 RSS_GROWTH_BOUND_MIB = 24
