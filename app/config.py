@@ -30,6 +30,14 @@ class DType(str, Enum):
     bfloat16 = "bfloat16"
 
 
+class Compile(str, Enum):
+    """Whether the forward pass runs through ``torch.compile`` (inductor)."""
+
+    auto = "auto"
+    on = "on"
+    off = "off"
+
+
 class LongDocuments(str, Enum):
     """What happens to a document longer than the room left beside the query, when a request does not say."""
 
@@ -46,11 +54,21 @@ class Settings(BaseSettings):
     device: Device = Field(Device.auto, description="auto picks CUDA when a GPU is visible, else the CPU.")
     dtype: DType = Field(
         DType.auto,
-        description="auto = float16 on CUDA, bfloat16 on CPUs with native bf16 matrix instructions, else float32.",
+        description=(
+            "auto = float16 on CUDA, bfloat16 on CPUs with native bf16 matrix instructions, else float32. "
+            "bfloat16 on a CPU keeps float32 weights, layer norms and residuals; only matrix products run in bf16."
+        ),
     )
     max_length: int = Field(512, ge=8, le=8192, description="Tokens per (query, document) pair, special ones included.")
     torch_threads: int = Field(
         0, ge=0, description="Intra-op CPU threads per worker; 0 = the CPUs this process may use / workers."
+    )
+    torch_compile: Compile = Field(
+        Compile.auto,
+        description=(
+            "Compile the forward pass with torch.compile during warm-up (needs a C++ compiler on CPU; adds start-up "
+            "time). auto = on for the CPU, falling back to eager if compiling fails; off on CUDA."
+        ),
     )
 
     # The server

@@ -1,11 +1,28 @@
-"""The PyTorch backend: loads a local cross-encoder directory offline and scores padded batches."""
+"""The PyTorch backend: loads a local cross-encoder directory offline and scores padded batches.
+
+How it runs, and why (measured on bge-reranker-base's shape with ``python -m bench.run``; docs/benchmark.md):
+
+- CUDA: float16 weights and activations, SDPA (fused) attention, one forward pass per batcher batch.
+- CPU with native bf16 (AVX512-BF16 / AMX): float32 weights under ``torch.autocast(bfloat16)``. oneDNN runs
+  the matrix products in bf16 at about 4x its float32 rate, while layer norms, softmax and the residual stream
+  stay float32, so scores land closer to float32 than with bf16 weights, at the same speed once compiled.
+- CPU: ``torch.compile`` (inductor, frozen weights) prepacks the bf16 weights for oneDNN once and fuses the
+  element-wise work (GELU, bias, residual, casts) around the matrix products: 15-20 % faster than eager. One
+  graph serves every batch shape (dynamic sizes; the batch dimension unbacked, so one pair needs no 2nd graph).
+  Compiled, plain attention beats the SDPA kernel there; without a compiler it falls back to eager + SDPA.
+- CPU: a batch runs in slices of at most ``CPU_SLICE_TOKENS`` padded tokens. Two to four thousand tokens
+  already keep the cores' matrix units busy; bigger slices spill activations out of the caches (16k-token
+  passes ran ~15 % slower) and, length-sorted, each slice pads only to its own longest pair.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,15 +30,20 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no progress bars in service logs
+# inductor names its default cache directory after the user, which a container's bare uid may not have.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"torchinductor-{os.getuid()}"))
 
 import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from app.config import Device, DType, Settings, model_dir_problem
+from app.config import Compile, Device, DType, Settings, model_dir_problem
 from app.engine.base import EncodedPair, PairEncoder, PairTemplate
 
 logger = logging.getLogger(__name__)
+
+# Padded tokens per forward pass on the CPU (see the module docstring).
+CPU_SLICE_TOKENS = 4096
 
 
 class ModelLoadError(RuntimeError):
@@ -53,6 +75,41 @@ def resolve_dtype(dtype: DType, device: torch.device) -> torch.dtype:
     return {DType.float32: torch.float32, DType.float16: torch.float16, DType.bfloat16: torch.bfloat16}[dtype]
 
 
+def weights_dtype(compute: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype the weights are kept in: float32 under bf16 autocast on the CPU, else the compute dtype."""
+    return torch.float32 if device.type == "cpu" and compute is torch.bfloat16 else compute
+
+
+class Float32Head(torch.nn.Module):
+    """Runs a classification head outside autocast, in float32.
+
+    Under bf16 autocast the head's last projection would return a bf16 logit: 8 significant bits, a step of
+    0.03 at a logit of 5, visible in the [0, 1] score. The head is two small products on the first token only,
+    so float32 costs nothing.
+    """
+
+    def __init__(self, head: torch.nn.Module, device_type: str) -> None:
+        super().__init__()
+        self.head = head
+        self.device_type = device_type
+
+    def forward(self, features: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        with torch.autocast(device_type=self.device_type, enabled=False):
+            return self.head(features.float(), **kwargs)  # type: ignore[no-any-return]
+
+
+def slices(lengths: Sequence[int], budget: int | None) -> Iterator[tuple[int, int]]:
+    """Consecutive ``[start, stop)`` runs whose padded size (count × longest) stays within ``budget`` tokens."""
+    start, widest = 0, 0
+    for position, length in enumerate(lengths):
+        widest = max(widest, length)
+        if budget is not None and position > start and (position - start + 1) * widest > budget:
+            yield start, position
+            start, widest = position, length
+    if start < len(lengths):
+        yield start, len(lengths)
+
+
 def infer_pair_template(tokenizer: Tokenizer) -> PairTemplate:
     """Learn where the model's special tokens go by post-processing two probe sequences."""
     first = tokenizer.encode("a", add_special_tokens=False)
@@ -80,7 +137,16 @@ class TorchBackend:
     def __init__(self, settings: Settings) -> None:
         self.model_path = settings.model_path
         self.device = resolve_device(settings.device)
-        self.dtype = resolve_dtype(settings.dtype, self.device)
+        self.dtype = resolve_dtype(settings.dtype, self.device)  # the dtype of the matrix products
+        self.weights_dtype = weights_dtype(self.dtype, self.device)
+        self.slice_tokens = CPU_SLICE_TOKENS if self.device.type == "cpu" else None
+        self.compile_mode = settings.torch_compile
+        self.compiled = self.compile_mode is Compile.on or (
+            self.compile_mode is Compile.auto and self.device.type == "cpu"
+        )
+        # Compiled on the CPU, plain attention (matmul, softmax, matmul) beats the SDPA kernel: inductor fuses
+        # the scaling, mask and softmax, and the products go to oneDNN (7 % faster on 126-token pairs).
+        self.attention = "eager" if self.compiled and self.device.type == "cpu" else "sdpa"
         if self.device.type == "cpu":
             threads = settings.torch_threads or max(1, len(os.sched_getaffinity(0)) // settings.workers)
             torch.set_num_threads(threads)
@@ -107,6 +173,21 @@ class TorchBackend:
             raise ModelLoadError(
                 f"model at {self.model_path} has {self.num_labels} labels; a reranker has 1 (or 2: not/relevant)"
             )
+        if self.weights_dtype != self.dtype and isinstance(getattr(self.model, "classifier", None), torch.nn.Module):
+            self.model.classifier = Float32Head(self.model.classifier, self.device.type)
+        # What runs a batch: the model itself, or its compiled graph (compiled lazily, by warm_up()).
+        self._run: Callable[..., Any] = self.model
+        if self.compiled:
+            import torch._inductor.config as inductor_config
+
+            # Weights become constants: their bf16 casts are folded and oneDNN prepacks them once, at compile.
+            inductor_config.freezing = True
+            self._run = torch.compile(self.model, dynamic=True)
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.weights_dtype != self.dtype:
+            return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+        return contextlib.nullcontext()
 
     def _load(self, path: Path) -> tuple[Any, Any]:
         problem = model_dir_problem(path)
@@ -126,14 +207,15 @@ class TorchBackend:
             raise ModelLoadError(f"the tokenizer in {path} has no fast (tokenizer.json) version")
         try:
             model = AutoModelForSequenceClassification.from_pretrained(
-                path, local_files_only=True, dtype=self.dtype, attn_implementation="sdpa"
+                path, local_files_only=True, dtype=self.weights_dtype, attn_implementation=self.attention
             )
         except Exception as error:
             raise ModelLoadError(f"cannot load the model from {path}: {error}") from error
         model.to(self.device).eval()
         logger.info(
-            "loaded model from %s on %s as %s in %.1fs",
-            path, self.device, str(self.dtype).removeprefix("torch."), time.perf_counter() - started,
+            "loaded model from %s on %s (weights %s, matrix products %s) in %.1fs",
+            path, self.device, str(self.weights_dtype).removeprefix("torch."), str(self.dtype).removeprefix("torch."),
+            time.perf_counter() - started,
         )
         return model, tokenizer
 
@@ -141,8 +223,13 @@ class TorchBackend:
         return [encoding.ids for encoding in self._tokenizer.encode_batch(texts, add_special_tokens=False)]
 
     def forward(self, pairs: Sequence[EncodedPair]) -> list[float]:
-        if not pairs:
-            return []
+        # The batcher hands pairs sorted by length, so each slice pads only to its own longest pair.
+        scores: list[float] = []
+        for start, stop in slices([len(pair) for pair in pairs], self.slice_tokens):
+            scores.extend(self._forward(pairs[start:stop], self._run))
+        return scores
+
+    def _forward(self, pairs: Sequence[EncodedPair], run: Callable[..., Any]) -> list[float]:
         longest = max(len(pair) for pair in pairs)
         input_ids = np.full((len(pairs), longest), self.pad_id, dtype=np.int64)
         attention = np.zeros((len(pairs), longest), dtype=np.int64)
@@ -158,8 +245,12 @@ class TorchBackend:
         }
         if types is not None:
             inputs["token_type_ids"] = torch.from_numpy(types).to(self.device, non_blocking=True)
-        with torch.inference_mode():
-            logits = self.model(**inputs).logits.float()  # float32 before the sigmoid: no bf16/fp16 ties
+        if run is not self.model:
+            for tensor in inputs.values():
+                # Any batch size, 1 included, reuses the one compiled graph (no 0/1 specialisation).
+                torch._dynamo.decorators.mark_unbacked(tensor, 0)
+        with torch.inference_mode(), self._autocast():
+            logits = run(**inputs).logits.float()  # float32 before the sigmoid: no bf16/fp16 ties
         if self.num_labels == 2:
             # log-odds of "relevant", so sigmoid(logit) is the softmax probability of label 1
             logits = logits[:, 1] - logits[:, 0]
@@ -169,6 +260,8 @@ class TorchBackend:
 
     def warm_up(self) -> None:
         started = time.perf_counter()
+        if self.compiled:
+            self._compile_now()
         encoder = self.encoder
         for words, batch in ((8, 1), (60, 8), (encoder.max_length, 2)):
             text = " ".join(["warm"] * words)
@@ -176,12 +269,34 @@ class TorchBackend:
             self.forward(request.pairs)
         logger.info("warmed up in %.2fs", time.perf_counter() - started)
 
+    def _compile_now(self) -> None:
+        """Compile on a first batch; with ``auto``, a failure (no C++ compiler, say) falls back to eager."""
+        started = time.perf_counter()
+        pairs = self.encoder.encode("warm up", ["compile", "the forward pass"]).pairs
+        try:
+            compiled = self._forward(pairs, self._run)
+        except Exception as error:
+            if self.compile_mode is Compile.on:
+                raise ModelLoadError(f"torch.compile failed (RERANKER_TORCH_COMPILE=on): {error}") from error
+            logger.warning("torch.compile failed, running eagerly: %s: %s", type(error).__name__, error)
+            self._run, self.compiled = self.model, False
+            self.attention = "sdpa"  # eagerly, the fused kernel is the faster one
+            self.model.set_attn_implementation(self.attention)
+            return
+        eager = self._forward(pairs, self.model)
+        logger.info(
+            "compiled the forward pass in %.1fs (max |compiled - eager| logit %.2g)",
+            time.perf_counter() - started, float(np.max(np.abs(np.subtract(compiled, eager)))),
+        )
+
     def check(self) -> None:
         problem = model_dir_problem(self.model_path)
         if problem:
             raise RuntimeError(problem)
         request = self.encoder.encode("health", ["check"])
-        scores = self.forward(request.pairs)
+        # Eagerly: readiness probes run beside the batcher's forward thread, and the compiled graph is only
+        # ever run from that one thread.
+        scores = self._forward(request.pairs, self.model)
         if not np.isfinite(scores).all():
             raise RuntimeError("the model returned a non-finite score")
 
@@ -189,6 +304,9 @@ class TorchBackend:
         return {
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
+            "weights": str(self.weights_dtype).removeprefix("torch."),
+            "compiled": str(self.compiled).lower(),
+            "attention": self.attention,
             "max_length": str(self.encoder.max_length),
             "threads": str(torch.get_num_threads()),
         }

@@ -1,0 +1,69 @@
+"""Model FLOPs counted analytically, and the machine's measured matrix-multiply peak to compare them with.
+
+FLOPs of one (query, document) pair of ``n`` tokens through a BERT-style encoder with ``L`` layers, hidden
+size ``h`` and feed-forward size ``f`` (a multiply-add counts 2):
+
+    per layer:  2·n·(4·h² + 2·h·f)     the Q, K, V, output and two feed-forward projections
+              + 4·n²·h                 attention scores Q·Kᵀ and the weighted sum of V
+    head:       2·(h² + h·labels)      the classifier's dense layer and output projection on the first token
+
+Embedding look-ups, layer norms, softmax, GELU and biases are left out (memory-bound, under 1 % of the
+FLOPs). Padding is not counted: the figure is useful work, so wasted padding shows as lower efficiency.
+For bge-reranker-base (L=12, h=768, f=3072) a 110-token pair costs about 19 GFLOP.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    layers: int
+    hidden: int
+    intermediate: int
+    labels: int
+
+    @classmethod
+    def from_model_dir(cls, model_dir: Path) -> ModelShape:
+        config = json.loads((model_dir / "config.json").read_text())
+        labels = len(config.get("id2label") or {}) or int(config.get("num_labels", 1))
+        return cls(config["num_hidden_layers"], config["hidden_size"], config["intermediate_size"], labels)
+
+
+def pair_flops(tokens: int, shape: ModelShape) -> float:
+    h, f, n = shape.hidden, shape.intermediate, tokens
+    per_layer = 2 * n * (4 * h * h + 2 * h * f) + 4 * n * n * h
+    return float(shape.layers * per_layer + 2 * (h * h + h * shape.labels))
+
+
+def measure_matmul_peak(*, dtype_name: str, device: str, threads: int, size: int = 4096,
+                        repeats: int = 8) -> float:
+    """Best FLOP/s of ``size``³ matrix multiplies in ``dtype_name`` on ``device`` with ``threads`` CPU threads.
+
+    The best of several timed runs (after two untimed ones), so a burst of other load on the machine lowers it
+    as little as possible: it is the ceiling the model's FLOP/s are compared with.
+    """
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a = torch.randn(size, size, device=device).to(dtype)
+        b = torch.randn(size, size, device=device).to(dtype)
+        sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+        best = float("inf")
+        for attempt in range(repeats + 2):
+            sync()
+            started = time.perf_counter()
+            torch.matmul(a, b)
+            sync()
+            if attempt >= 2:
+                best = min(best, time.perf_counter() - started)
+        return 2 * size**3 / best
+    finally:
+        torch.set_num_threads(previous)
