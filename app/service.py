@@ -170,4 +170,5 @@ class RerankService:
                 self._health_checked_at = time.monotonic()
                 metrics.WORKERS_READY.set(1 if self._health_error is None else 0)
         if self._health_error is not None:
-            raise NotReadyError(f"the model failed its health check: {self._health_error}")
+            # The reason (paths, device errors) goes to the log only: /ready answers without an API key.
+            raise NotReadyError("the model failed its health check; the server log says why")

@@ -174,7 +174,9 @@ def test_a_vanished_model_directory_fails_readiness_not_answers(
         wait_for(lambda: probe_ready(server, 503), timeout=20, what="/ready 503 on every worker")
         response = httpx.get(f"{server.base_url}/ready", timeout=5)
         error = response.json()["error"]
-        assert response.status_code == 503 and error["code"] == 503 and "does not exist" in error["message"]
+        assert response.status_code == 503 and error["code"] == 503 and "health check" in error["message"]
+        assert str(moved.parent) not in error["message"]  # no paths to unauthenticated callers...
+        assert "does not exist" in server.log()  # ...the reason is in the log
         assert int(response.headers["retry-after"]) >= 1
         assert httpx.get(f"{server.base_url}/health", timeout=5).status_code == 200  # alive, not ready
         # The weights already in memory still give the right answers: readiness fails, answers never go wrong.
