@@ -40,30 +40,31 @@ def pair_flops(tokens: int, shape: ModelShape) -> float:
     return float(shape.layers * per_layer + 2 * (h * h + h * shape.labels))
 
 
-def measure_matmul_peak(*, dtype_name: str, device: str, threads: int, size: int = 4096,
-                        repeats: int = 8) -> float:
-    """Best FLOP/s of ``size``³ matrix multiplies in ``dtype_name`` on ``device`` with ``threads`` CPU threads.
+def measure_matmul_peak(*, dtype_name: str, device: str, threads: int, sizes: tuple[int, ...] = (2048, 3072, 4096),
+                        repeats: int = 6) -> float:
+    """Best FLOP/s of square matrix multiplies in ``dtype_name`` on ``device`` with ``threads`` CPU threads.
 
-    The best of several timed runs (after two untimed ones), so a burst of other load on the machine lowers it
-    as little as possible: it is the ceiling the model's FLOP/s are compared with.
+    The best over a few sizes and several timed runs each (after an untimed one), so that neither one size's
+    blocking nor a burst of other load on the machine sets the ceiling the model's FLOP/s are compared with.
     """
     import torch
 
     dtype = getattr(torch, dtype_name)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    best = 0.0
     try:
-        a = torch.randn(size, size, device=device).to(dtype)
-        b = torch.randn(size, size, device=device).to(dtype)
-        sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-        best = float("inf")
-        for attempt in range(repeats + 2):
-            sync()
-            started = time.perf_counter()
-            torch.matmul(a, b)
-            sync()
-            if attempt >= 2:
-                best = min(best, time.perf_counter() - started)
-        return 2 * size**3 / best
+        for size in sizes if not device.startswith("cuda") else (8192,):
+            a = torch.randn(size, size, device=device).to(dtype)
+            b = torch.randn(size, size, device=device).to(dtype)
+            for attempt in range(repeats + 1):
+                sync()
+                started = time.perf_counter()
+                torch.matmul(a, b)
+                sync()
+                if attempt:
+                    best = max(best, 2 * size**3 / (time.perf_counter() - started))
+        return best
     finally:
         torch.set_num_threads(previous)
