@@ -3,13 +3,18 @@
 FLOPs of one (query, document) pair of ``n`` tokens through a BERT-style encoder with ``L`` layers, hidden
 size ``h`` and feed-forward size ``f`` (a multiply-add counts 2):
 
-    per layer:  2·n·(4·h² + 2·h·f)     the Q, K, V, output and two feed-forward projections
-              + 4·n²·h                 attention scores Q·Kᵀ and the weighted sum of V
-    head:       2·(h² + h·labels)      the classifier's dense layer and output projection on the first token
+    each layer but the last:  2·n·(4·h² + 2·h·f)   the Q, K, V, output and two feed-forward projections
+                            + 4·n²·h               attention scores Q·Kᵀ and the weighted sum of V
+    the last layer:           2·n·2·h²             K and V of every token
+                            + 2·(2·h² + 2·h·f)     Q, output and feed-forward of the first token only
+                            + 4·n·h                the first token's attention
+    head:                     2·(h² + h·labels)    the classifier's dense layer and output projection
 
-Embedding look-ups, layer norms, softmax, GELU and biases are left out (memory-bound, under 1 % of the
-FLOPs). Padding is not counted: the figure is useful work, so wasted padding shows as lower efficiency.
-For bge-reranker-base (L=12, h=768, f=3072) a 110-token pair costs about 19 GFLOP.
+The score reads only the first token's final vector, so the last layer's other outputs are not work the answer
+needs (the service skips them: app/engine/first_token.py; the baseline computes them, and so looks ~7 % less
+efficient than it is). Embedding look-ups, layer norms, softmax, GELU and biases are left out (memory-bound,
+under 1 % of the FLOPs). Padding is not counted: the figure is useful work, so wasted padding shows as lower
+efficiency. For bge-reranker-base (L=12, h=768, f=3072) a 115-token pair costs about 18.6 GFLOP.
 """
 
 from __future__ import annotations
@@ -37,7 +42,9 @@ class ModelShape:
 def pair_flops(tokens: int, shape: ModelShape) -> float:
     h, f, n = shape.hidden, shape.intermediate, tokens
     per_layer = 2 * n * (4 * h * h + 2 * h * f) + 4 * n * n * h
-    return float(shape.layers * per_layer + 2 * (h * h + h * shape.labels))
+    last_layer = 2 * n * 2 * h * h + 2 * (2 * h * h + 2 * h * f) + 4 * n * h
+    head = 2 * (h * h + h * shape.labels)
+    return float((shape.layers - 1) * per_layer + last_layer + head)
 
 
 def measure_matmul_peak(*, dtype_name: str, device: str, threads: int, sizes: tuple[int, ...] = (2048, 3072, 4096),

@@ -9,7 +9,7 @@ the same RAGFlow-shaped requests at each concurrency, alternating between the tw
 that both see the same machine. Printed per setting: pairs/s, tokens/s, p50/p95/p99 latency, errors, the
 ratio to the baseline, and the model FLOP/s (bench/flops.py) as a share of the matrix-multiply peak measured
 here in the server's own dtype. Also: score accuracy against float32, the cost of chunking long documents,
-and the worker's peak memory on a 128 × 512-token request. See docs/benchmark.md.
+and the worker's peak memory on a 128 × 512-token request. See the README's "Benchmark" section.
 """
 
 from __future__ import annotations
