@@ -143,6 +143,7 @@ def service_dtype(server: ServerProcess) -> str:
 class Bench:
     def __init__(self, args: argparse.Namespace, device: str, model_dir: Path, workdir: Path) -> None:
         self.args, self.device, self.model_dir, self.workdir = args, device, model_dir, workdir
+        self.shape = ModelShape.from_model_dir(model_dir)
         self.servers: dict[str, ServerProcess] = {}
         self.peaks: dict[str, float] = {}
         self.dtypes = {"baseline": "float32"}  # each server's matmul dtype; the service's is read from its log
@@ -174,7 +175,7 @@ class Bench:
         (the servers idle), keeping the higher, so a burst of other load on the machine lowers it less."""
         threads = len(os.sched_getaffinity(0))
         for dtype in sorted(set(self.dtypes.values())):
-            peak = measure_matmul_peak(dtype_name=dtype, device=self.device, threads=threads)
+            peak = measure_matmul_peak(dtype_name=dtype, device=self.device, threads=threads, shape=self.shape)
             self.peaks[dtype] = max(self.peaks.get(dtype, 0.0), peak)
             logger.info("matmul peak %s: %.0f GFLOP/s (best so far %.0f)", dtype, peak / 1e9, self.peaks[dtype] / 1e9)
 
