@@ -97,3 +97,23 @@ def test_a_head_reading_every_token_keeps_the_whole_last_layer(
     np.testing.assert_allclose(
         [backend.forward([pair])[0] for pair in pairs], reference_logits(tiny_model_dir, backend), atol=1e-5
     )
+
+
+def test_the_benchmark_counts_the_flops_the_service_runs(tiny_model_dir: Path) -> None:
+    """bench/flops.py's analytic count (which the README's % of peak rests on) equals what torch counts."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    from bench.flops import ModelShape, pair_flops
+
+    def attention_flops(query: Any, key: Any, value: Any, *_: Any, **__: Any) -> int:
+        return sdpa_flop_count(query, key, value)  # type: ignore[no-any-return]
+
+    # torch counts SDPA's CUDA kernels but not its CPU one: the same formula, given here.
+    cpu_attention = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: attention_flops}
+    backend = backend_for(tiny_model_dir, dtype="float32", torch_compile="off")
+    shape = ModelShape.from_model_dir(tiny_model_dir)
+    for words in (3, 50, 400):
+        pair = backend.encoder.encode(QUERY, [make_words(words, seed=words)]).pairs
+        with FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
+            backend.forward(pair)
+        assert counter.get_total_flops() == pair_flops(len(pair[0]), shape)
