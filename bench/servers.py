@@ -7,16 +7,14 @@ the shared ``tests.conftest.start_server``); the baseline is ``bench/baseline_se
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
 
-from tests.conftest import REPO_ROOT, ServerProcess, free_port, start_server
+from tests.conftest import REPO_ROOT, ServerProcess, free_port, start_server, wait_until_ready
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -39,18 +37,8 @@ def start_baseline(model_dir: Path, workdir: Path, *, device: str, handler: str,
             cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
         )
     server = ServerProcess(process, f"http://127.0.0.1:{port}", log_path)
-    deadline = time.monotonic() + ready_timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"baseline server exited with {process.returncode}:\n{server.log()}")
-        try:
-            if httpx.get(f"{server.base_url}/health", timeout=2).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    server.stop(signal.SIGKILL)
-    raise RuntimeError(f"baseline server not ready after {ready_timeout}s:\n{server.log()}")
+    return wait_until_ready(server, lambda: httpx.get(f"{server.base_url}/health", timeout=2).status_code == 200,
+                            timeout=ready_timeout, name="baseline server")
 
 
 def process_tree(pid: int) -> list[int]:

@@ -8,12 +8,14 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 
 from tests.model_factory import build_cross_encoder
 
@@ -81,21 +83,32 @@ def start_server(model_dir: Path, tmp_path: Path, *, workers: int = 2, ready_tim
         process = subprocess.Popen([sys.executable, "-m", "app"], cwd=REPO_ROOT, env=env, stdout=log,
                                    stderr=subprocess.STDOUT)
     server = ServerProcess(process, f"http://127.0.0.1:{port}", log_path, env)
-    deadline = time.monotonic() + ready_timeout
+
+    def every_worker_ready() -> bool:
+        if httpx.get(f"{server.base_url}/ready", timeout=2).status_code != 200:
+            return False
+        # every worker must be ready, not just the one that answered
+        metrics = httpx.get(f"{server.base_url}/metrics", timeout=2).text
+        return f"reranker_ready_workers {float(workers)}" in metrics
+
+    return wait_until_ready(server, every_worker_ready, timeout=ready_timeout, name="server")
+
+
+def wait_until_ready(server: ServerProcess, is_ready: Callable[[], bool], *, timeout: float,
+                     name: str) -> ServerProcess:
+    """Poll ``is_ready`` until it holds; a server that exits or stays unready is killed, with its log raised."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()}")
+        if server.process.poll() is not None:
+            raise RuntimeError(f"{name} exited with {server.process.returncode}:\n{server.log()}")
         try:
-            if httpx.get(f"{server.base_url}/ready", timeout=2).status_code == 200:
-                # every worker must be ready, not just the one that answered
-                metrics = httpx.get(f"{server.base_url}/metrics", timeout=2).text
-                if f"reranker_ready_workers {float(workers)}" in metrics:
-                    return server
+            if is_ready():
+                return server
         except httpx.HTTPError:
             pass
         time.sleep(0.3)
     server.stop(signal.SIGKILL)
-    raise RuntimeError(f"server not ready after {ready_timeout}s:\n{server.log()}")
+    raise RuntimeError(f"{name} not ready after {timeout}s:\n{server.log()}")
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +117,42 @@ def live_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     server = start_server(tiny_model_dir, tmp_path_factory.mktemp("server"), workers=2)
     yield server
     server.stop()
+
+
+def fake_model_dir(path: Path) -> Path:
+    """Files enough to pass the settings' model-directory check; the fake backend never reads them."""
+    path.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (path / name).write_text("{}")
+    return path
+
+
+@pytest.fixture
+def fake_settings(tmp_path: Path) -> Callable[..., Any]:
+    """Settings with a model directory that passes the checks; meant for the fake backend."""
+    from app.config import Settings
+
+    def make(**overrides: Any) -> Settings:
+        return Settings(model_path=fake_model_dir(tmp_path / "fake-model"), **overrides)
+
+    return make
+
+
+@pytest.fixture
+def make_client(fake_settings: Callable[..., Any]) -> Iterator[Callable[..., TestClient]]:
+    """In-process apps on the fake backend (lifespan run), closed at the test's end."""
+    from app.engine.fake import FakeBackend
+    from app.main import create_app
+
+    clients: list[TestClient] = []
+
+    def make(backend: FakeBackend | None = None, **overrides: Any) -> TestClient:
+        app = create_app(fake_settings(**overrides), backend_factory=lambda: backend or FakeBackend())
+        client = TestClient(app, raise_server_exceptions=False)
+        client.__enter__()
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.__exit__(None, None, None)

@@ -9,46 +9,17 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
-from app.config import Settings
 from app.engine.fake import FakeBackend
-from app.main import create_app
-
-
-def fake_model_dir(path: Path) -> Path:
-    """Files enough to pass the settings' model-directory check; the fake backend never reads them."""
-    path.mkdir(parents=True, exist_ok=True)
-    for name in ("config.json", "model.safetensors", "tokenizer.json"):
-        (path / name).write_text("{}")
-    return path
 
 
 def sigmoid(x: float) -> float:
     return 1 / (1 + math.exp(-x))
-
-
-@pytest.fixture
-def make_client(tmp_path: Path) -> Iterator[Any]:
-    clients: list[TestClient] = []
-
-    def make(backend: FakeBackend | None = None, **overrides: Any) -> TestClient:
-        settings = Settings(model_path=fake_model_dir(tmp_path / "model"), **overrides)
-        app = create_app(settings, backend_factory=lambda: backend or FakeBackend())
-        client = TestClient(app, raise_server_exceptions=False)
-        client.__enter__()
-        clients.append(client)
-        return client
-
-    yield make
-    for client in clients:
-        client.__exit__(None, None, None)
 
 
 @pytest.fixture

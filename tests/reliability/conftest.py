@@ -10,7 +10,6 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -49,21 +48,3 @@ def server_factory(tiny_model_dir: Path, tmp_path: Path) -> Iterator[Callable[..
 def model_copy(tiny_model_dir: Path, tmp_path: Path) -> Path:
     """A private copy of the tiny model that a test may move or delete."""
     return Path(shutil.copytree(tiny_model_dir, tmp_path / "model-copy"))
-
-
-def fake_model_dir(path: Path) -> Path:
-    """Files enough to pass the settings' model-directory check; the fake backend never reads them."""
-    path.mkdir(parents=True, exist_ok=True)
-    for name in ("config.json", "model.safetensors", "tokenizer.json"):
-        (path / name).write_text("{}")
-    return path
-
-
-@pytest.fixture
-def fake_settings(tmp_path: Path) -> Callable[..., Any]:
-    from app.config import Settings
-
-    def make(**overrides: Any) -> Settings:
-        return Settings(model_path=fake_model_dir(tmp_path / "fake-model"), **overrides)
-
-    return make

@@ -30,8 +30,8 @@ from schemathesis.specs.openapi.checks import (
 from app.config import Settings
 from app.engine.fake import FakeBackend
 from app.main import create_app
-from tests.conftest import ServerProcess, start_server
-from tests.reliability.conftest import BASE_SETTINGS, fake_model_dir
+from tests.conftest import ServerProcess, fake_model_dir, start_server
+from tests.reliability.conftest import BASE_SETTINGS
 from tests.reliability.harness import make_bodies, reference_scores, same_scores
 
 pytestmark = pytest.mark.reliability

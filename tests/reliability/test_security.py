@@ -17,7 +17,6 @@ from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
 from app.engine.fake import FakeBackend
-from app.main import create_app
 
 pytestmark = pytest.mark.reliability
 
@@ -25,22 +24,6 @@ KEY = "rk-" + uuid.uuid4().hex
 SENTINEL = "SENTINEL" + uuid.uuid4().hex
 # Open without a key: probes and FastAPI's own API description. Everything else needs it.
 OPEN_PATHS = {"/health", "/ready", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
-
-
-@pytest.fixture
-def make_client(fake_settings: Callable[..., Any]) -> Iterator[Callable[..., TestClient]]:
-    clients: list[TestClient] = []
-
-    def make(backend: FakeBackend | None = None, **overrides: Any) -> TestClient:
-        app = create_app(fake_settings(**overrides), backend_factory=lambda: backend or FakeBackend())
-        client = TestClient(app, raise_server_exceptions=False)
-        client.__enter__()
-        clients.append(client)
-        return client
-
-    yield make
-    for client in clients:
-        client.__exit__(None, None, None)
 
 
 def flatten(routes: list[Any]) -> Iterator[Any]:
