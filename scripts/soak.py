@@ -23,7 +23,6 @@ import shutil
 import signal
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -41,10 +40,12 @@ from tests.reliability.harness import (  # noqa: E402
     LoadGenerator,
     make_bodies,
     metric,
+    probing_health,
     reference_scores,
     rss_mib,
     same_scores,
     scrape,
+    sigterm_with_backlog,
     wait_for,
 )
 
@@ -127,29 +128,10 @@ class Soak:
         try:
             bodies = make_bodies(6, documents=(40, 40), seed=9)
             expected = reference_scores(server.base_url, bodies)
-            probes: list[tuple[str, int | str, float]] = []
-            stop = threading.Event()
-
-            def probe() -> None:
-                while not stop.is_set():
-                    for path in ("/health", "/ready"):
-                        started = time.monotonic()
-                        try:
-                            status: int | str = httpx.get(f"{server.base_url}{path}", timeout=5).status_code
-                        except httpx.HTTPError as error:
-                            status = type(error).__name__
-                        probes.append((path, status, time.monotonic() - started))
-                    time.sleep(0.25)
-
-            prober = threading.Thread(target=probe)
-            prober.start()
-            try:
+            with probing_health(server.base_url, interval_s=0.25) as probes:
                 result = LoadGenerator(server.base_url, bodies, expected, clients=4 * self.args.clients).run_for(
                     self.args.overload_s
                 )
-            finally:
-                stop.set()
-                prober.join()
             ended = time.monotonic()
             response = httpx.post(f"{server.base_url}/v1/rerank", json=bodies[0], timeout=10)
             recovery_ms = (time.monotonic() - ended) * 1000
@@ -299,20 +281,8 @@ class Soak:
         server = self.server(RERANKER_MAX_BATCH_PAIRS="1", RERANKER_GRACEFUL_TIMEOUT=str(graceful))
         bodies = make_bodies(16, documents=(200, 200), doc_words=(20, 40), seed=3)
         expected = reference_scores(server.base_url, bodies)
-        docs_before = metric(scrape(server.base_url), "reranker_documents_total")
-
-        def one(index: int) -> tuple[int, bool]:
-            response = httpx.post(f"{server.base_url}/v1/rerank", json=bodies[index], timeout=120)
-            return response.status_code, response.status_code == 200 and same_scores(response.json(), expected[index])
-
-        with ThreadPoolExecutor(len(bodies)) as pool:
-            futures = [pool.submit(one, index) for index in range(len(bodies))]
-            wait_for(lambda: metric(scrape(server.base_url), "reranker_documents_total") - docs_before
-                     >= 200 * len(bodies), timeout=60, interval=0.02, what="all requests accepted")
-            queued = metric(scrape(server.base_url), "reranker_queue_depth")
-            signalled = time.monotonic()
-            server.process.send_signal(signal.SIGTERM)
-            answers = [future.result() for future in futures]
+        queued, answers, signalled = sigterm_with_backlog(server.base_url, server.process, bodies, expected,
+                                                          accept_timeout=60, request_timeout=120)
         code = server.process.wait(graceful + 30)
         exited_s = time.monotonic() - signalled
         self.figures["term"] = {

@@ -5,15 +5,18 @@ Everything here talks to 127.0.0.1 only, and every load it makes is bounded in c
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
 import re
+import signal
 import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -280,3 +283,56 @@ class LoadGenerator:
             except (ValueError, KeyError, TypeError):
                 outcome.envelope_ok = False
         return outcome
+
+
+Probe = tuple[str, int | str, float]  # path, HTTP status or error name, seconds
+
+
+@contextlib.contextmanager
+def probing_health(base_url: str, *, interval_s: float) -> Iterator[list[Probe]]:
+    """Probe /health and /ready every ``interval_s`` in a thread while the block runs; yields the probes."""
+    probes: list[Probe] = []
+    stop = threading.Event()
+
+    def probe() -> None:
+        while not stop.is_set():
+            for path in ("/health", "/ready"):
+                started = time.monotonic()
+                try:
+                    status: int | str = httpx.get(f"{base_url}{path}", timeout=5).status_code
+                except httpx.HTTPError as error:
+                    status = type(error).__name__
+                probes.append((path, status, time.monotonic() - started))
+            time.sleep(interval_s)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    try:
+        yield probes
+    finally:
+        stop.set()
+        prober.join()
+
+
+def sigterm_with_backlog(base_url: str, process: Any, bodies: list[dict[str, Any]],
+                         expected: list[dict[int, float]], *, accept_timeout: float,
+                         request_timeout: float) -> tuple[float, list[tuple[int, bool]], float]:
+    """Send every body at once and, once the workers have accepted them all (parsed, counted, queued), send
+    ``process`` SIGTERM. Returns the pairs queued at the signal, each request's (status, answer correct) and
+    the monotonic time of the signal."""
+    documents_before = metric(scrape(base_url), "reranker_documents_total")
+    documents = sum(len(body["documents"]) for body in bodies)
+
+    def one(index: int) -> tuple[int, bool]:
+        response = httpx.post(f"{base_url}/v1/rerank", json=bodies[index], timeout=request_timeout)
+        return response.status_code, response.status_code == 200 and same_scores(response.json(), expected[index])
+
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        futures = [pool.submit(one, index) for index in range(len(bodies))]
+        wait_for(lambda: metric(scrape(base_url), "reranker_documents_total") - documents_before >= documents,
+                 timeout=accept_timeout, interval=0.02, what="all requests accepted")
+        queued = metric(scrape(base_url), "reranker_queue_depth")
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        answers = [future.result() for future in futures]
+    return queued, answers, signalled

@@ -27,6 +27,7 @@ from tests.reliability.harness import (
     reference_scores,
     same_scores,
     scrape,
+    sigterm_with_backlog,
     wait_for,
 )
 
@@ -96,21 +97,8 @@ def test_sigterm_under_load_completes_every_accepted_request_and_exits_in_time(
     server = server_factory(workers=2, RERANKER_MAX_BATCH_PAIRS="1", RERANKER_GRACEFUL_TIMEOUT=str(graceful_timeout))
     bodies = make_bodies(12, documents=(200, 200), doc_words=(20, 40), seed=3)
     expected = reference_scores(server.base_url, bodies)
-    documents_before = metric(scrape(server.base_url), "reranker_documents_total")
-
-    def one(index: int) -> tuple[int, bool]:
-        response = httpx.post(f"{server.base_url}/v1/rerank", json=bodies[index], timeout=60)
-        return response.status_code, response.status_code == 200 and same_scores(response.json(), expected[index])
-
-    with ThreadPoolExecutor(len(bodies)) as pool:
-        futures = [pool.submit(one, index) for index in range(len(bodies))]
-        # Every request accepted: parsed, counted and queued by a worker.
-        wait_for(lambda: metric(scrape(server.base_url), "reranker_documents_total") - documents_before
-                 >= 200 * len(bodies), timeout=30, interval=0.02, what="all requests accepted")
-        queued = metric(scrape(server.base_url), "reranker_queue_depth")
-        signalled = time.monotonic()
-        server.process.send_signal(signal.SIGTERM)
-        answers = [future.result() for future in futures]
+    queued, answers, signalled = sigterm_with_backlog(server.base_url, server.process, bodies, expected,
+                                                      accept_timeout=30, request_timeout=60)
     code = server.process.wait(graceful_timeout + 15)
     exited_in = time.monotonic() - signalled
     print(f"\nSIGTERM with {queued:.0f} pairs queued: answers {answers}; exit {code} in {exited_in:.2f}s")

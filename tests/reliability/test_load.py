@@ -6,7 +6,6 @@ Short versions of ``scripts/soak.py`` (which runs minutes and prints the figures
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from tests.reliability.harness import (
     LoadGenerator,
     make_bodies,
     metric,
+    probing_health,
     reference_scores,
     rss_mib,
     same_scores,
@@ -75,27 +75,8 @@ def test_past_capacity_it_sheds_with_429_and_retry_after_stays_healthy_and_recov
     bodies = make_bodies(6, documents=(40, 40), seed=9)
     expected = reference_scores(server.base_url, bodies)
 
-    probes: list[tuple[str, int | str, float]] = []
-    stop = threading.Event()
-
-    def probe() -> None:
-        while not stop.is_set():
-            for path in ("/health", "/ready"):
-                started = time.monotonic()
-                try:
-                    status: int | str = httpx.get(f"{server.base_url}{path}", timeout=5).status_code
-                except httpx.HTTPError as error:
-                    status = type(error).__name__
-                probes.append((path, status, time.monotonic() - started))
-            time.sleep(0.2)
-
-    prober = threading.Thread(target=probe)
-    prober.start()
-    try:
+    with probing_health(server.base_url, interval_s=0.2) as probes:
         result = LoadGenerator(server.base_url, bodies, expected, clients=16).run_for(6)
-    finally:
-        stop.set()
-        prober.join()
     load_ended = time.monotonic()
     # As soon as the load drops, the next request is served.
     response = httpx.post(f"{server.base_url}/v1/rerank", json=bodies[0], timeout=10)
