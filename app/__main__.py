@@ -1,30 +1,125 @@
-"""``python -m app``: check the settings, prepare the metrics directory, then become gunicorn.
+"""``python -m app``: check the settings and the model, prepare the metrics directory, then become gunicorn.
 
-Exactly what the container runs. An invalid setting or a missing model directory stops here with one line,
-before any worker starts.
+Exactly what the container runs. Before any worker starts, a preflight reads the model directory the way the
+service will: the files (readable by this uid?), ``config.json``, the tokenizer, and whether the service can pair
+texts with it (``app.engine.model_dir.inspect_model_dir``). Anything wrong stops here with exactly one line
+``reranker: <path, reason, fix>`` on stderr and exit status 2 (no traceback unless ``RERANKER_LOG_LEVEL=debug``),
+instead of every worker failing with a traceback.
+
+``python -m app --check`` runs the same checks and exits (0 = the model can be served).
+
+``RERANKER_FAILURE_DELAY`` (seconds, default 0) makes a failed check wait that long before exiting. The container
+sets it: a configuration error does not fix itself, and Docker restarts a container that exits within 10 s with a
+back-off that starts at 0.1 s, so without the wait a broken model directory restarts a dozen times in five
+minutes, each time printing the same line.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
+import stat
 import sys
+import time
+import traceback
 from pathlib import Path
 
 from app.config import SettingsError, load_settings
 
 GUNICORN_CONFIG = Path(__file__).resolve().parent.parent / "docker" / "gunicorn.conf.py"
+EXIT_CONFIG = 2
 
 
-def main() -> None:
+class PreflightError(Exception):
+    """The model cannot be served; ``str()`` is one line naming the path, the reason and the fix."""
+
+
+def unreadable_files(path: Path) -> str | None:
+    """Why this uid cannot read the model's files, or None. Checked with the uid itself: ``is_file`` and ``stat``
+    succeed on a file that ``open`` refuses, and the loader then reports a misleading "No such file"."""
+    for entry in sorted(path.rglob("*")):
+        try:
+            readable = os.access(entry, os.R_OK | (os.X_OK if entry.is_dir() else 0))
+        except OSError:
+            readable = False
+        if not readable:
+            info = entry.stat()
+            return (
+                f"model directory {path}: permission denied reading {entry.relative_to(path)} (owner uid "
+                f"{info.st_uid}, mode {stat.S_IMODE(info.st_mode):04o}) as uid {os.getuid()}; fix: make the "
+                f"files readable by that uid, e.g. chmod -R a+rX on the host directory"
+            )
+    return None
+
+
+def preflight(model_path: Path, *, max_length: int) -> str:
+    """Check the model directory; return a one-line description of what will be served, or raise PreflightError."""
+    try:
+        from app.engine.model_dir import ModelLoadError, inspect_model_dir
+    except ImportError:  # an engine without the full check: the cheap file checks only
+        from app.config import model_dir_problem
+
+        problem = model_dir_problem(model_path) or unreadable_files(model_path)
+        if problem:
+            raise PreflightError(problem) from None
+        return f"model directory {model_path}: files present"
+    try:
+        info = inspect_model_dir(model_path, max_length=max_length)
+    except ModelLoadError as error:
+        raise PreflightError(str(error)) from None
+    problem = unreadable_files(model_path)  # e.g. weights in a subfolder, which the engine's check does not list
+    if problem:
+        raise PreflightError(problem)
+    return f"model directory {model_path}: {info.architecture}, max_length {info.max_length}, {info.tokenizer_class}"
+
+
+def _fail(message: str, *, debug: bool) -> None:
+    if debug:
+        traceback.print_exc()
+    # One line: a reason spread over several lines would be cut apart by log collectors.
+    print(f"reranker: {' '.join(message.split())}", file=sys.stderr, flush=True)
+    delay = os.environ.get("RERANKER_FAILURE_DELAY", "0")
+    try:
+        seconds = float(delay)
+    except ValueError:
+        seconds = 0.0
+    if seconds > 0:
+        # PID 1 in a container ignores signals it has no handler for: without this, `docker compose down` would
+        # wait for the whole delay and then kill.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(EXIT_CONFIG))
+        signal.signal(signal.SIGINT, lambda *_: sys.exit(EXIT_CONFIG))
+        time.sleep(seconds)
+    sys.exit(EXIT_CONFIG)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    check_only = "--check" in args
+    debug = os.environ.get("RERANKER_LOG_LEVEL", "").strip().lower() == "debug"
     try:
         settings = load_settings()
     except SettingsError as error:
-        print(f"reranker: {error}", file=sys.stderr)
-        sys.exit(2)
+        _fail(str(error), debug=debug)
+        return
+    try:
+        summary = preflight(settings.model_path, max_length=settings.max_length)
+    except PreflightError as error:
+        _fail(str(error), debug=debug)
+        return
+    except Exception as error:  # a check that crashed is still one line, with the traceback on request
+        detail = " ".join(str(error).split())[:300]
+        _fail(
+            f"checking the model directory {settings.model_path} failed: {type(error).__name__}: {detail} "
+            "(RERANKER_LOG_LEVEL=debug shows the traceback)",
+            debug=debug,
+        )
+        return
+    print(f"reranker: {summary}", flush=True)
+    if check_only:
+        return
     if not GUNICORN_CONFIG.is_file():
-        print(f"reranker: gunicorn configuration {GUNICORN_CONFIG} is missing", file=sys.stderr)
-        sys.exit(2)
+        _fail(f"gunicorn configuration {GUNICORN_CONFIG} is missing", debug=False)
     # Multiprocess metrics: the directory is set before any worker imports prometheus_client and starts
     # empty, so counters from an earlier run are not served as if they were this one's.
     metrics_dir = settings.prometheus_multiproc_dir
@@ -34,8 +129,8 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # batch encodes run in our own threads
-    argv = [sys.executable, "-m", "gunicorn", "--config", str(GUNICORN_CONFIG), "app.main:create_app()"]
-    os.execv(sys.executable, argv)
+    argv_ = [sys.executable, "-m", "gunicorn", "--config", str(GUNICORN_CONFIG), "app.main:create_app()"]
+    os.execv(sys.executable, argv_)
 
 
 if __name__ == "__main__":
