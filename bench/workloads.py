@@ -97,17 +97,8 @@ def prepare(workload: Workload, count: int, encoder: PairEncoder, shape: ModelSh
 
 
 def load_encoder(model_dir: Path, *, max_length: int = 512, max_query_share: float = 0.5) -> PairEncoder:
-    """The service's pair encoder on the model's tokenizer (the service's defaults for length and query share)."""
-    from tokenizers import Tokenizer
+    """The service's own pair encoder on the model's tokenizer (the service's defaults for length and query share)."""
+    from app.engine.model_dir import open_model_dir
 
-    from app.engine.torch_backend import infer_pair_template
-
-    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    tokenizer.no_truncation()
-    tokenizer.no_padding()
-
-    def tokenize(texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
-
-    return PairEncoder(tokenize, infer_pair_template(tokenizer), max_length=max_length,
-                       max_query_share=max_query_share)
+    encoder, _, _ = open_model_dir(model_dir, max_length=max_length, max_query_share=max_query_share)
+    return encoder

@@ -7,11 +7,14 @@
 # Environment:
 #   RERANKER_REQUIRE_DOCKER=1    fail (instead of skip) when the Docker engine cannot be started; CI sets it.
 #   RERANKER_SKIP_DOCKER=1       leave the Docker stack tests out (a quicker local loop).
+#   RERANKER_SKIP_OLDEST=1       leave out the engine tests on the oldest supported versions.
 #   VENV=path                    the virtual environment to use (default .venv).
+#   OLDEST_VENV=path             the one for the oldest supported versions (default .venv-oldest).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VENV=${VENV:-.venv}
+OLDEST_VENV=${OLDEST_VENV:-.venv-oldest}
 PYTHON=${PYTHON:-python3}
 if [ "${CI:-}" = "true" ]; then
   export RERANKER_REQUIRE_DOCKER=${RERANKER_REQUIRE_DOCKER:-1}
@@ -50,6 +53,22 @@ else
   export PYTEST_ADDOPTS="${PYTEST_ADDOPTS:-} -m 'not docker'"
 fi
 
+oldest_status=0
+if [ "${RERANKER_SKIP_OLDEST:-}" != "1" ]; then
+  step "Engine tests on the oldest supported versions (requirements-oldest.txt, $OLDEST_VENV)"
+  started=$(date +%s)
+  [ -x "$OLDEST_VENV/bin/python" ] || "$PYTHON" -m venv "$OLDEST_VENV"
+  "$OLDEST_VENV/bin/python" -m pip install --quiet --disable-pip-version-check torch==2.13.0
+  "$OLDEST_VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r requirements.txt \
+    -r requirements-oldest.txt pytest pytest-asyncio httpx sentencepiece protobuf
+  set +e
+  "$OLDEST_VENV/bin/python" -m pytest -q -p no:cacheprovider -m "not server" \
+    tests/test_published_models.py tests/test_engine.py tests/test_first_token.py
+  oldest_status=$?
+  set -e
+  echo "oldest-versions tier took $(( $(date +%s) - started ))s"
+fi
+
 step "Tests"
 started=$(date +%s)
 set +e
@@ -57,4 +76,8 @@ python -m pytest -ra "$@"
 status=$?
 set -e
 echo "tests took $(( $(date +%s) - started ))s"
+if [ "$oldest_status" != 0 ]; then
+  echo "the engine tests failed on the oldest supported versions (see above)" >&2
+  [ "$status" != 0 ] || status=$oldest_status
+fi
 exit $status

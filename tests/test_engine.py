@@ -77,7 +77,8 @@ def test_each_pair_alone_equals_the_batch(backend: TorchBackend) -> None:
     pairs = backend.encoder.encode(QUERY, docs).pairs
     batched = backend.forward(pairs)
     alone = [backend.forward([p])[0] for p in pairs]
-    np.testing.assert_allclose(batched, alone, atol=1e-5)
+    # float32 rounding of a padded vs an unpadded pass; the fixture's head multiplies it by ~30 (logits ~±7)
+    np.testing.assert_allclose(batched, alone, atol=1e-4)
 
 
 async def test_concurrent_mixed_requests_score_as_if_alone(service: RerankService, cross_encoder) -> None:  # type: ignore[no-untyped-def]
@@ -166,7 +167,7 @@ class TestLoaderErrors:
         broken = tmp_path / "broken"
         shutil.copytree(tiny_model_dir, broken)
         (broken / "config.json").write_text("{not json")
-        with pytest.raises(ModelLoadError, match=f"cannot load the (model|tokenizer) from {broken}"):
+        with pytest.raises(ModelLoadError, match=f"model directory {broken}: config.json cannot be read.*fix:"):
             TorchBackend(settings_for(broken))
 
     def test_corrupt_weights_name_the_path(self, tmp_path: Path, tiny_model_dir: Path) -> None:

@@ -28,6 +28,7 @@ from tests.model_factory import make_words
 
 TOLERANCE = 0.01  # on scores in [0, 1]
 SEPARATED = 2 * TOLERANCE  # a float32 gap beyond which two documents must never swap
+LOGIT_STD = 0.1  # the spread the test model's head is given (module docstring)
 
 QUERY = make_words(12, seed=7)
 
@@ -46,17 +47,18 @@ def float32_logits(model_dir: Path) -> list[float]:
 
 @pytest.fixture(scope="module")
 def spread_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model with its output projection doubled and its bias centring the corpus' logits on 0."""
+    """The tiny model with its head rescaled so the corpus' logits centre on 0 with a std of 0.1."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
     target = tmp_path_factory.mktemp("models") / "tiny-spread"
     shutil.copytree(tiny_model_dir, target)
-    mean = float(np.mean(float32_logits(tiny_model_dir)))
+    logits = float32_logits(tiny_model_dir)
+    mean, scale = float(np.mean(logits)), LOGIT_STD / float(np.std(logits))
     model = AutoModelForSequenceClassification.from_pretrained(target, local_files_only=True)
     with torch.no_grad():
-        model.classifier.out_proj.bias.sub_(mean).mul_(2.0)
-        model.classifier.out_proj.weight.mul_(2.0)
+        model.classifier.out_proj.bias.sub_(mean).mul_(scale)
+        model.classifier.out_proj.weight.mul_(scale)
     model.save_pretrained(target, safe_serialization=True)
     return target
 

@@ -13,15 +13,18 @@ from typing import Any, TypeVar
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
+from app import __version__
 from app.api.deps import ApiKeyDep, ServiceDep, SettingsDep, require_api_key
 from app.api.errors import ClientDisconnected
 from app.api.schemas import (
     ErrorEnvelope,
     Health,
+    ModelCard,
     ModelList,
     NvidiaResponse,
     RerankRequest,
     RerankResponse,
+    TeiInfo,
     TeiRank,
     TextObject,
 )
@@ -36,8 +39,10 @@ T = TypeVar("T")
 RERANK_PATHS = ("/v1/rerank", "/rerank", "/v2/rerank", "/v1", "/", "/v1/v1/rerank")
 # Paths that also carry the seed deployment's "data" list.
 SEED_PATHS = {"/v1/rerank", "/rerank", "/v1", "/", "/v1/v1/rerank"}
-NVIDIA_PATHS = ("/v1/reranking", "/reranking")
-MODEL_PATHS = ("/v1/models", "/models")
+# NVIDIA NIM's paths: RAGFlow's Python provider posts to .../reranking, its Go server to .../ranking.
+NVIDIA_PATHS = ("/v1/reranking", "/reranking", "/v1/ranking", "/ranking")
+# RAGFlow appends /v1/models to a base URL that may already end in /v1.
+MODEL_PATHS = ("/v1/models", "/models", "/v1/v1/models")
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorEnvelope} for status in (400, 401, 413, 415, 422, 429, 500, 503)
@@ -218,12 +223,25 @@ async def rerank_nvidia(request: Request, body: RerankRequest, service: ServiceD
     return JSONResponse({"rankings": rankings, "usage": usage(outcome)})
 
 
-async def list_models(service: ServiceDep, settings: SettingsDep, request: Request) -> ModelList:
-    """The one served model; RAGFlow classes an id containing "rerank" as a rerank model."""
-    max_len = service.backend.encoder.max_length if service.backend else settings.max_length
-    return ModelList.model_validate(
-        {"data": [{"id": settings.model_name, "created": request.app.state.started_at, "max_model_len": max_len}]}
+def model_card(service: ServiceDep, settings: SettingsDep, started_at: int) -> ModelCard:
+    """What is served: the id clients send, and what was loaded (service.model_facts: the backend's describe())."""
+    facts = service.model_facts()
+    labels = facts.get("num_labels")
+    return ModelCard(
+        id=settings.model_name,
+        created=started_at,
+        model_type="rerank",
+        max_model_len=int(facts.get("max_length", settings.max_length)),
+        architecture=facts.get("architecture"),
+        num_labels=int(labels) if labels else None,
+        dtype=facts.get("dtype"),
+        device=facts.get("device"),
     )
+
+
+async def list_models(service: ServiceDep, settings: SettingsDep, request: Request) -> ModelList:
+    """The one served model (``model_type: rerank``; RAGFlow also classes an id containing "rerank" as one)."""
+    return ModelList(data=[model_card(service, settings, request.app.state.started_at)])
 
 
 for _path, _visible in _with_slash_variants(RERANK_PATHS):
@@ -239,6 +257,26 @@ for _path, _visible in _with_slash_variants(NVIDIA_PATHS):
 for _path, _visible in _with_slash_variants(MODEL_PATHS):
     router.add_api_route(_path, list_models, methods=["GET"], include_in_schema=_visible, response_model=ModelList,
                          summary="List the served model", tags=["models"])
+
+
+@ops_router.get("/info", response_model=TeiInfo, tags=["models"])
+async def info(service: ServiceDep, settings: SettingsDep, request: Request) -> TeiInfo:
+    """TEI's model information, unauthenticated as TEI's is (RAGFlow's HuggingFace provider sends no key)."""
+    card = model_card(service, settings, request.app.state.started_at)
+    labels = {"0": "LABEL_0"} if card.num_labels != 2 else {"0": "LABEL_0", "1": "LABEL_1"}
+    reranker = {"id2label": labels, "label2id": {name: int(index) for index, name in labels.items()}}
+    return TeiInfo(
+        model_id=settings.model_name,
+        model_dtype=card.dtype or "unknown",
+        model_type={"reranker": reranker, "rerank": reranker},
+        max_concurrent_requests=settings.max_queue_pairs,
+        max_input_length=card.max_model_len,
+        max_batch_tokens=settings.max_batch_tokens,
+        max_batch_requests=None,
+        max_client_batch_size=settings.max_documents,
+        tokenization_workers=2,
+        version=__version__,
+    )
 
 
 @ops_router.get("/health", response_model=Health, tags=["operations"])

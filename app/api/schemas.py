@@ -135,16 +135,43 @@ class NvidiaResponse(BaseModel):
 
 
 class ModelCard(BaseModel):
+    """One served model, in the OpenAI list shape plus what discovery clients and operators read."""
+
     id: str
     object: str = "model"
     created: int
     owned_by: str = "local"
-    max_model_len: int
+    model_type: str = Field("rerank", description="Xinference's discovery field: this is a rerank model.")
+    max_model_len: int = Field(description="Tokens per (query, document) pair, special tokens included.")
+    architecture: str | None = Field(None, description="e.g. XLMRobertaForSequenceClassification")
+    num_labels: int | None = Field(None, description="1 (a relevance logit) or 2 (not relevant, relevant).")
+    dtype: str | None = Field(None, description="The dtype of the matrix products: float16, bfloat16, float32.")
+    device: str | None = Field(None, description="cuda, cuda:N or cpu.")
 
 
 class ModelList(BaseModel):
     object: str = "list"
     data: list[ModelCard]
+
+
+class TeiInfo(BaseModel):
+    """TEI's ``GET /info``, which RAGFlow's HuggingFace provider reads to discover what the server serves."""
+
+    model_id: str
+    model_sha: str | None = None
+    model_dtype: str
+    model_type: dict[str, dict[str, Any]] = Field(
+        description='TEI says {"reranker": {...}}; RAGFlow looks for a "rerank" key: both are given.'
+    )
+    max_concurrent_requests: int
+    max_input_length: int
+    max_batch_tokens: int
+    max_batch_requests: int | None = None
+    max_client_batch_size: int
+    tokenization_workers: int
+    version: str
+    sha: str | None = None
+    docker_label: str | None = None
 
 
 class Health(BaseModel):

@@ -41,10 +41,9 @@ TRUNCATE = WindowPolicy()
 
 @dataclass(slots=True)
 class EncodedRequest:
-    """All windows of one request, flat, with the document each belongs to."""
+    """All windows of one request, flat; per document, where its windows start and how many there are."""
 
     pairs: list[EncodedPair] = field(default_factory=list)
-    document_of_pair: list[int] = field(default_factory=list)
     # Per document: its first pair's position in ``pairs`` and how many windows it has.
     first_pair: list[int] = field(default_factory=list)
     window_count: list[int] = field(default_factory=list)
@@ -57,14 +56,21 @@ class EncodedRequest:
 
 @dataclass(frozen=True, slots=True)
 class PairTemplate:
-    """Where a model's special tokens go around a pair, e.g. XLM-R ``<s> A </s></s> B </s>``."""
+    """Where a model's special tokens go around a pair, and the type id of every position.
+
+    E.g. XLM-R ``<s> A </s></s> B </s>`` (all type 0), BERT ``[CLS] A [SEP] B [SEP]`` (types ``0 0… 0 1… 1``).
+    Learnt from the tokenizer's own pair encoding at load (``model_dir.pair_template``), never assumed.
+    """
 
     prefix: tuple[int, ...]
     middle: tuple[int, ...]
     suffix: tuple[int, ...]
-    prefix_type: int = 0
     first_type: int = 0
     second_type: int = 0
+    # Type ids of the special tokens; empty = the type of the text they follow (prefix: the first text's).
+    prefix_types: tuple[int, ...] = ()
+    middle_types: tuple[int, ...] = ()
+    suffix_types: tuple[int, ...] = ()
 
     @property
     def special_count(self) -> int:
@@ -72,8 +78,13 @@ class PairTemplate:
 
     def build(self, first: Sequence[int], second: Sequence[int]) -> EncodedPair:
         ids = [*self.prefix, *first, *self.middle, *second, *self.suffix]
-        head = len(self.prefix) + len(first) + len(self.middle)
-        types = [self.first_type] * head + [self.second_type] * (len(second) + len(self.suffix))
+        types = [
+            *(self.prefix_types or (self.first_type,) * len(self.prefix)),
+            *(self.first_type,) * len(first),
+            *(self.middle_types or (self.first_type,) * len(self.middle)),
+            *(self.second_type,) * len(second),
+            *(self.suffix_types or (self.second_type,) * len(self.suffix)),
+        ]
         return EncodedPair(ids, types)
 
 
@@ -102,7 +113,7 @@ class PairEncoder:
             return EncodedRequest()
         query_ids, *document_ids = self._tokenize([query, *documents])
         request = EncodedRequest()
-        for index, doc_ids in enumerate(document_ids):
+        for doc_ids in document_ids:
             if policy.max_document_tokens is not None and len(doc_ids) > policy.max_document_tokens:
                 doc_ids = doc_ids[: policy.max_document_tokens]
             windows, truncated = self.windows(query_ids, doc_ids, policy)
@@ -111,7 +122,6 @@ class PairEncoder:
             request.truncated.append(truncated)
             for kept_query, window in windows:
                 request.pairs.append(self.template.build(kept_query, window))
-                request.document_of_pair.append(index)
         return request
 
     def windows(
@@ -157,5 +167,6 @@ class Backend(Protocol):
         ...
 
     def describe(self) -> dict[str, str]:
-        """Facts for logs and /v1/models (device, dtype, ...)."""
+        """What was loaded and how it runs (architecture, labels, max length, dtype, device, ...), for the
+        start-up log and ``/v1/models``."""
         ...

@@ -26,19 +26,28 @@ from torch.nn import functional
 FIRST_TOKEN_HEADS = {"bert", "roberta", "xlm-roberta", "camembert", "electra"}
 
 
+def layers_return_tuples() -> bool:
+    """transformers 4.x encoder layers return ``(hidden_states, ...)``; 5.x return the tensor itself."""
+    import transformers
+
+    return int(transformers.__version__.split(".")[0]) < 5
+
+
 class FirstTokenLastLayer(torch.nn.Module):
-    """Wraps a BERT-layout encoder layer; returns the first token's output, shape ``(batch, 1, hidden)``."""
+    """Wraps a BERT-layout encoder layer; returns the first token's output, shape ``(batch, 1, hidden)`` (in a
+    1-tuple where the installed transformers' layers return tuples)."""
 
     def __init__(self, layer: Any, *, float32_path: bool) -> None:  # transformers' layers are untyped
         super().__init__()
         self.layer = layer
         self.float32_path = float32_path
+        self.tuple_output = layers_return_tuples()
         attention = layer.attention.self
         self.heads = int(attention.num_attention_heads)
         self.head_size = int(attention.attention_head_size)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                *args: Any, **kwargs: Any) -> torch.Tensor:
+                *args: Any, **kwargs: Any) -> torch.Tensor | tuple[torch.Tensor]:
         attention: Any = self.layer.attention.self
         # Shapes by splitting the last dimension only: the compiled graph's batch size is symbolic (any size).
         heads = (self.heads, self.head_size)
@@ -55,7 +64,7 @@ class FirstTokenLastLayer(torch.nn.Module):
                 output = self._first_token(first.float(), keys.float(), values.float(), attention_mask)
         else:
             output = self._first_token(first, keys, values, attention_mask)
-        return output.unsqueeze(1)
+        return (output.unsqueeze(1),) if self.tuple_output else output.unsqueeze(1)
 
     def _first_token(self, first: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                      attention_mask: torch.Tensor | None) -> torch.Tensor:

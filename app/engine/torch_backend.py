@@ -38,20 +38,18 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdi
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer
 
 from app.config import Compile, Device, DType, Settings, model_dir_problem
-from app.engine.base import EncodedPair, PairEncoder, PairTemplate
+from app.engine.base import EncodedPair
 from app.engine.first_token import prune_last_layer, restore_last_layer
+from app.engine.model_dir import ModelLoadError, open_model_dir
+
+__all__ = ["ModelLoadError", "TorchBackend"]
 
 logger = logging.getLogger(__name__)
 
 # Padded tokens per forward pass on the CPU (see the module docstring).
 CPU_SLICE_TOKENS = 4096
-
-
-class ModelLoadError(RuntimeError):
-    """The model directory cannot be loaded; the message names the path and the reason."""
 
 
 def cpu_has_native_bf16() -> bool:
@@ -61,6 +59,32 @@ def cpu_has_native_bf16() -> bool:
     except OSError:
         return False
     return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def _has_cxx_compiler() -> bool:
+    """Whether inductor can build CPU kernels here. Without one, ``auto`` skips compiling at once instead of
+    spending half a minute on a compile that must fail (the CPU image may ship no compiler)."""
+    import shutil
+
+    candidates = [os.environ.get("CXX", ""), "c++", "g++", "clang++"]
+    found = any(name and shutil.which(name) for name in candidates)
+    if not found:
+        logger.info("no C++ compiler found: the forward pass runs eagerly (RERANKER_TORCH_COMPILE=auto)")
+    return found
+
+
+def _load_failure(path: Path, error: Exception) -> str:
+    """One line for a model whose weights cannot be loaded: the path, the reason, the fix."""
+    if isinstance(error, PermissionError):
+        return (
+            f"model directory {path}: permission denied reading {Path(error.filename or '').name or 'the weights'} "
+            f"as uid {os.getuid()}; fix: chmod -R a+rX {path}"
+        )
+    message = " ".join(str(error).split())[:300]
+    return (
+        f"cannot load the model from {path}: {type(error).__name__}: {message}; fix: check that the weights "
+        "(model.safetensors or pytorch_model.bin) are complete (download the model again)"
+    )
 
 
 def resolve_device(device: Device) -> torch.device:
@@ -114,27 +138,6 @@ def slices(lengths: Sequence[int], budget: int | None) -> Iterator[tuple[int, in
         yield start, len(lengths)
 
 
-def infer_pair_template(tokenizer: Tokenizer) -> PairTemplate:
-    """Learn where the model's special tokens go by post-processing two probe sequences."""
-    first = tokenizer.encode("a", add_special_tokens=False)
-    second = tokenizer.encode("b", add_special_tokens=False)
-    pair = tokenizer.post_process(first, second, add_special_tokens=True)
-    sequence_ids = pair.sequence_ids
-    ids, types = pair.ids, pair.type_ids
-    first_at = [i for i, s in enumerate(sequence_ids) if s == 0]
-    second_at = [i for i, s in enumerate(sequence_ids) if s == 1]
-    if not first_at or not second_at:
-        raise ModelLoadError("the tokenizer's post-processor does not build (query, document) pairs")
-    return PairTemplate(
-        prefix=tuple(ids[: first_at[0]]),
-        middle=tuple(ids[first_at[-1] + 1 : second_at[0]]),
-        suffix=tuple(ids[second_at[-1] + 1 :]),
-        prefix_type=types[0] if first_at[0] > 0 else types[first_at[0]],
-        first_type=types[first_at[0]],
-        second_type=types[second_at[0]],
-    )
-
-
 class TorchBackend:
     """A sequence-classification cross-encoder on one device. Thread-safe for concurrent ``forward`` calls."""
 
@@ -146,7 +149,7 @@ class TorchBackend:
         self.slice_tokens = CPU_SLICE_TOKENS if self.device.type == "cpu" else None
         self.compile_mode = settings.torch_compile
         self.compiled = self.compile_mode is Compile.on or (
-            self.compile_mode is Compile.auto and self.device.type == "cpu"
+            self.compile_mode is Compile.auto and self.device.type == "cpu" and _has_cxx_compiler()
         )
         # Compiled on the CPU, plain attention (matmul, softmax, matmul) beats the SDPA kernel: inductor fuses
         # the scaling, mask and softmax, and the products go to oneDNN (7 % faster on 126-token pairs).
@@ -154,29 +157,14 @@ class TorchBackend:
         if self.device.type == "cpu":
             threads = settings.torch_threads or max(1, len(os.sched_getaffinity(0)) // settings.workers)
             torch.set_num_threads(threads)
-        self.model, hf_tokenizer = self._load(settings.model_path)
-        fast: Tokenizer = hf_tokenizer.backend_tokenizer
-        # A private copy without the file's own truncation/padding: windows and padding are done here.
-        self._tokenizer = Tokenizer.from_str(fast.to_str())
-        self._tokenizer.no_truncation()
-        self._tokenizer.no_padding()
-        self.pad_id = int(hf_tokenizer.pad_token_id if hf_tokenizer.pad_token_id is not None else 0)
-        self.uses_type_ids = "token_type_ids" in hf_tokenizer.model_input_names
-        positions = getattr(self.model.config, "max_position_embeddings", settings.max_length)
-        # RoBERTa-family models reserve padding_idx + 1 positions (514 positions hold 512 tokens).
-        offset = 2 if getattr(self.model.config, "model_type", "") in {"roberta", "xlm-roberta", "camembert"} else 0
-        max_length = min(settings.max_length, positions - offset)
-        self.encoder = PairEncoder(
-            self._tokenize,
-            infer_pair_template(self._tokenizer),
-            max_length=max_length,
-            max_query_share=settings.max_query_share,
+        # The tokenizer side first: it refuses a directory the service cannot serve before any weight is read.
+        self.encoder, self.info, hf_tokenizer = open_model_dir(
+            settings.model_path, max_length=settings.max_length, max_query_share=settings.max_query_share
         )
-        self.num_labels = int(self.model.config.num_labels)
-        if self.num_labels not in (1, 2):
-            raise ModelLoadError(
-                f"model at {self.model_path} has {self.num_labels} labels; a reranker has 1 (or 2: not/relevant)"
-            )
+        self.pad_id = int(hf_tokenizer.pad_token_id if hf_tokenizer.pad_token_id is not None else 0)
+        self.uses_type_ids = self.info.uses_type_ids
+        self.num_labels = self.info.num_labels
+        self.model = self._load(settings.model_path)
         if self.weights_dtype != self.dtype and isinstance(getattr(self.model, "classifier", None), torch.nn.Module):
             self.model.classifier = Float32Head(self.model.classifier, self.device.type)
         # Before compiling: the compiled graph is of the pruned model.
@@ -196,7 +184,13 @@ class TorchBackend:
         original = prune_last_layer(self.model, float32_path=self.weights_dtype != self.dtype)
         if original is None:
             return False
-        pruned = np.array(self._forward(probe, self.model, autocast=False))
+        try:
+            pruned = np.array(self._forward(probe, self.model, autocast=False))
+        except Exception as error:  # a transformers version whose layer contract differs: keep the whole layer
+            restore_last_layer(self.model, original)
+            logger.warning("scoring the last layer for the first token only failed on a probe batch (%s: %s); "
+                           "running the whole last layer", type(error).__name__, error)
+            return False
         # The same arithmetic in the weights' dtype: float32 agrees to ~1e-5, half precision to its rounding.
         # A model whose head reads more than the first token would be off by far more.
         tolerance = (1e-3 if self.weights_dtype == torch.float32 else 3e-2) * max(1.0, float(np.abs(full).max()))
@@ -228,38 +222,44 @@ class TorchBackend:
             return torch.autocast(device_type=self.device.type, dtype=self.dtype)
         return contextlib.nullcontext()
 
-    def _load(self, path: Path) -> tuple[Any, Any]:
-        problem = model_dir_problem(path)
-        if problem:
-            raise ModelLoadError(problem)
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    def _load(self, path: Path) -> Any:
+        from transformers import AutoModelForSequenceClassification
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-
         started = time.perf_counter()
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        except Exception as error:
-            raise ModelLoadError(f"cannot load the tokenizer from {path}: {error}") from error
-        if not getattr(tokenizer, "is_fast", False):
-            raise ModelLoadError(f"the tokenizer in {path} has no fast (tokenizer.json) version")
         try:
             model = AutoModelForSequenceClassification.from_pretrained(
                 path, local_files_only=True, dtype=self.weights_dtype, attn_implementation=self.attention
             )
+        except ValueError as error:
+            if "attn_implementation" not in str(error) and "does not support" not in str(error):
+                raise ModelLoadError(f"cannot load the model from {path}: {error}") from None
+            # Some architectures (DeBERTa-v2) have no SDPA kernel: their own attention is the one that exists.
+            model = self._load_default_attention(path)
         except Exception as error:
-            raise ModelLoadError(f"cannot load the model from {path}: {error}") from error
+            raise ModelLoadError(_load_failure(path, error)) from None
         model.to(self.device).eval()
         logger.info(
-            "loaded model from %s on %s (weights %s, matrix products %s) in %.1fs",
-            path, self.device, str(self.weights_dtype).removeprefix("torch."), str(self.dtype).removeprefix("torch."),
-            time.perf_counter() - started,
+            "loaded %s (labels %s, max length %d) from %s on %s (weights %s, matrix products %s, attention %s) "
+            "in %.1fs",
+            self.info.architecture, self.info.num_labels, self.info.max_length, path, self.device,
+            str(self.weights_dtype).removeprefix("torch."), str(self.dtype).removeprefix("torch."),
+            model.config._attn_implementation, time.perf_counter() - started,
         )
-        return model, tokenizer
+        return model
 
-    def _tokenize(self, texts: list[str]) -> list[list[int]]:
-        return [encoding.ids for encoding in self._tokenizer.encode_batch(texts, add_special_tokens=False)]
+    def _load_default_attention(self, path: Path) -> Any:
+        from transformers import AutoModelForSequenceClassification
+
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, local_files_only=True, dtype=self.weights_dtype
+            )
+        except Exception as error:
+            raise ModelLoadError(_load_failure(path, error)) from None
+        self.attention = str(model.config._attn_implementation)
+        return model
 
     def forward(self, pairs: Sequence[EncodedPair]) -> list[float]:
         # The batcher hands pairs sorted by length, so each slice pads only to its own longest pair.
@@ -319,8 +319,9 @@ class TorchBackend:
                 raise ModelLoadError(f"torch.compile failed (RERANKER_TORCH_COMPILE=on): {error}") from error
             logger.warning("torch.compile failed, running eagerly: %s: %s", type(error).__name__, error)
             self._run, self.compiled = self.model, False
-            self.attention = "sdpa"  # eagerly, the fused kernel is the faster one
-            self.model.set_attn_implementation(self.attention)
+            with contextlib.suppress(Exception):  # an architecture without SDPA keeps the attention it has
+                self.model.set_attn_implementation("sdpa")  # eagerly, the fused kernel is the faster one
+                self.attention = "sdpa"
             return
         eager = self._forward(pairs, self.model)
         logger.info(
@@ -341,12 +342,12 @@ class TorchBackend:
 
     def describe(self) -> dict[str, str]:
         return {
+            **self.info.describe(),
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "weights": str(self.weights_dtype).removeprefix("torch."),
             "compiled": str(self.compiled).lower(),
             "attention": self.attention,
             "first_token_last_layer": str(self.first_token_last_layer).lower(),
-            "max_length": str(self.encoder.max_length),
             "threads": str(torch.get_num_threads()),
         }
