@@ -153,7 +153,7 @@ class TestOtherDialects:
         assert [item["score"] for item in data] == pytest.approx([EXPECTED_LOGIT[i] for i in EXPECTED_ORDER])
         assert all("text" not in item for item in data)
 
-    @pytest.mark.parametrize("path", ["/v1/reranking", "/reranking", "/v1/reranking/"])
+    @pytest.mark.parametrize("path", ["/v1/reranking", "/reranking", "/v1/reranking/", "/v1/ranking", "/ranking"])
     def test_nvidia_rankings(self, client: TestClient, path: str) -> None:
         body = {"model": "nvidia/x", "query": {"text": QUERY}, "passages": [{"text": d} for d in DOCUMENTS],
                 "truncate": "END", "top_n": 3}
@@ -161,12 +161,22 @@ class TestOtherDialects:
         assert [r["index"] for r in data["rankings"]] == EXPECTED_ORDER[:3]
         assert data["rankings"][0]["logit"] == pytest.approx(2.0)
 
-    @pytest.mark.parametrize("path", ["/v1/models", "/models", "/v1/models/"])
+    @pytest.mark.parametrize("path", ["/v1/models", "/models", "/v1/models/", "/v1/v1/models"])
     def test_models(self, client: TestClient, path: str) -> None:
         data = client.get(path).json()
         assert data["object"] == "list"
         assert [m["id"] for m in data["data"]] == ["bge-reranker-base-local"]
         assert data["data"][0]["object"] == "model"
+        assert (data["data"][0]["model_type"], data["data"][0]["max_model_len"]) == ("rerank", 512)
+        assert (data["data"][0]["device"], data["data"][0]["dtype"]) == ("fake", "float32")
+
+    def test_tei_info_needs_no_key(self, make_client: Any) -> None:
+        client = make_client(api_key="secret")
+        info = client.get("/info").json()
+        assert info["model_id"] == "bge-reranker-base-local"
+        assert set(info["model_type"]) == {"reranker", "rerank"}
+        assert info["model_type"]["rerank"]["id2label"] == {"0": "LABEL_0"}
+        assert (info["max_input_length"], info["model_dtype"]) == (512, "float32")
 
     def test_health_ready_docs(self, client: TestClient) -> None:
         assert client.get("/health").json() == {"status": "ok"}

@@ -56,6 +56,12 @@ SHAPES: list[tuple[str, str, dict[str, str], dict[str, Any], str]] = [
     ("ragflow-nvidia-v0.26", "/reranking", BEARER,
      {"model": "m", "query": {"text": QUERY}, "passages": [{"text": d} for d in DOCS], "truncate": "END",
       "top_n": 5}, "nvidia"),
+    ("ragflow-nvidia-go-server", "/v1/ranking", BEARER,
+     {"model": "m", "query": {"text": QUERY}, "passages": [{"text": d} for d in DOCS], "truncate": "END",
+      "top_n": 5}, "nvidia"),
+    ("ragflow-nvidia-go-server-no-v1", "/ranking", BEARER,
+     {"model": "m", "query": {"text": QUERY}, "passages": [{"text": d} for d in DOCS], "truncate": "END",
+      "top_n": 5}, "nvidia"),
     ("ragflow-siliconflow", "/v1/rerank", BEARER,
      {"model": "m", "query": QUERY, "documents": DOCS, "top_n": 5, "return_documents": False,
       "max_chunks_per_doc": 1024, "overlap_tokens": 80}, "results"),
@@ -182,6 +188,40 @@ def test_models_health_ready_metrics_and_docs(live_server: ServerProcess) -> Non
             assert name in text, name
         assert "reranker_ready_workers 2.0" in text
         assert "reranker_workers 2.0" in text
+
+
+def ragflow_model_list_url(base_url: str, provider: str) -> str:
+    """Where RAGFlow's "add model" dialog lists models (rag/llm/model_meta.py, v0.27): the base class (OpenAI-API-
+    Compatible and the others) cuts the base at "/v1"; Xinference and LocalAI append to the base as typed."""
+    if provider in {"Xinference", "LocalAI"}:
+        return base_url.rstrip("/") + "/v1/models"
+    if "/v1" in base_url:
+        return base_url.split("/v1")[0].rstrip("/") + "/v1/models"
+    return base_url.rstrip("/") + "/v1/models"
+
+
+@pytest.mark.parametrize("provider", ["OpenAI-API-Compatible", "Xinference", "LocalAI"])
+@pytest.mark.parametrize("base_path", ["/v1", "", "/v1/"])
+def test_ragflow_model_discovery(live_server: ServerProcess, provider: str, base_path: str) -> None:
+    url = ragflow_model_list_url(live_server.base_url + base_path, provider)
+    # aiohttp's GET with the header RAGFlow sets, whatever key the user typed
+    answer = httpx.get(url, headers={"Authorization": "Bearer x"}, timeout=10)
+    assert answer.status_code == 200, (url, answer.text)
+    models = answer.json()["data"]
+    # What its parsers read: the id (Xinference/LocalAI), and for discovery the type and length.
+    assert [model["id"] for model in models if model.get("id")] == ["bge-reranker-base-local"]
+    assert models[0]["model_type"] == "rerank"
+    assert models[0]["max_model_len"] == 512
+    assert models[0]["architecture"] == "XLMRobertaForSequenceClassification"
+
+
+def test_tei_info_for_ragflow_huggingface_provider(live_server: ServerProcess) -> None:
+    # RAGFlow's HuggingFace provider sends no Authorization header and looks for a "rerank" key in model_type.
+    info = httpx.get(live_server.base_url + "/info", timeout=10).json()
+    assert "rerank" in info["model_type"] and "reranker" in info["model_type"]  # RAGFlow's key, and TEI's own
+    assert info["model_id"] == "bge-reranker-base-local"
+    assert info["max_input_length"] == 512
+    assert info["model_dtype"] in {"float32", "bfloat16", "float16"}
 
 
 def test_first_request_after_start_is_fast(live_server: ServerProcess) -> None:
