@@ -1,0 +1,63 @@
+"""The CUDA path, on a GPU host (``pytest -m gpu``; skipped where no GPU is visible).
+
+Every published family loads on the GPU and its default precision (float16) and bfloat16 score within 0.01
+of float32 on the CPU (``CrossEncoder.predict``), alone and batched; clearly separated documents never swap.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from app.config import Settings
+from app.engine.torch_backend import TorchBackend
+from tests.model_factory import FAMILIES, build_cross_encoder, make_words
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+TOLERANCE = 0.01
+QUERY = make_words(10, seed=21)
+DOCUMENTS = [make_words(n, seed=100 + n) for n in (3, 20, 60, 120, 250, 400, 700)] + [
+    "The giant panda is a bear species endemic to China.", "naïve café 東京 🙂 data 12345"]
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("gpu-models")
+    return {name: build_cross_encoder(root / name, family=name) for name in FAMILIES if name != "generic"}
+
+
+@pytest.mark.parametrize("dtype", ["auto", "bfloat16"])
+@pytest.mark.parametrize("family", [name for name in FAMILIES if name != "generic"])
+def test_cuda_scores_within_tolerance_of_float32(family: str, dtype: str, family_dirs: dict[str, Path]) -> None:
+    from sentence_transformers import CrossEncoder
+
+    model_dir = family_dirs[family]
+    backend = TorchBackend(Settings(model_path=model_dir, device="cuda", dtype=dtype))  # type: ignore[arg-type]
+    backend.warm_up()
+    assert backend.describe()["device"].startswith("cuda")
+    assert backend.describe()["dtype"] == ("float16" if dtype == "auto" else "bfloat16")
+    reference = np.asarray(CrossEncoder(str(model_dir), device="cpu", max_length=512).predict(
+        [(QUERY, document) for document in DOCUMENTS]), dtype=np.float64)
+    pairs = backend.encoder.encode(QUERY, DOCUMENTS).pairs
+    batched = 1 / (1 + np.exp(-np.asarray(backend.forward(pairs), dtype=np.float64)))  # one padded batch
+    alone = 1 / (1 + np.exp(-np.asarray([backend.forward([pair])[0] for pair in pairs], dtype=np.float64)))
+    for scores in (batched, alone):
+        assert float(np.abs(scores - reference).max()) <= TOLERANCE
+        separated = [(i, j) for i in range(len(scores)) for j in range(len(scores))
+                     if reference[i] - reference[j] > 2 * TOLERANCE]
+        assert [(i, j) for i, j in separated if scores[i] <= scores[j]] == []
+
+
+def test_cuda_health_check_and_describe(family_dirs: dict[str, Path]) -> None:
+    backend = TorchBackend(Settings(model_path=family_dirs["bge-reranker-base"], device="auto"))  # type: ignore[arg-type]
+    backend.check()
+    facts = backend.describe()
+    assert (facts["device"], facts["dtype"], facts["weights"]) == ("cuda", "float16", "float16")
+    assert facts["architecture"] == "XLMRobertaForSequenceClassification"
