@@ -381,6 +381,76 @@ def _network_error(error: Exception, endpoint: str, variable: str) -> FetchError
 # --- ModelScope ---------------------------------------------------------------------------------------------------
 
 
+class _LastErrors(logging.Handler):
+    """Keeps the client's error log lines: ModelScope reports why a file failed (e.g. a hash mismatch) only there,
+    and raises a summary ("1 of 6 file(s) failed")."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(" ".join(record.getMessage().split()))
+
+
+def _quiet_modelscope(debug: bool) -> _LastErrors:
+    errors = _LastErrors()
+    for name in ("modelscope", "modelscope_hub"):
+        logger = logging.getLogger(name)
+        logger.addHandler(errors)
+        if not debug:
+            # Its own handlers print retries and errors; the one line on stderr says why instead.
+            for child in [
+                logger,
+                *(logging.getLogger(n) for n in list(logging.root.manager.loggerDict) if n.startswith(name + ".")),
+            ]:
+                for handler in list(child.handlers):
+                    if handler is not errors:
+                        child.removeHandler(handler)
+                child.propagate = child is not logger and child.propagate
+    return errors
+
+
+def _modelscope_error(error: Exception, request: Request, endpoint: str, logged: list[str]) -> FetchError:
+    names = {cls.__name__ for cls in type(error).__mro__}
+    detail = " ".join(str(error).split())[:200] or type(error).__name__
+    token_hint = "MODELSCOPE_API_TOKEN is set" if os.environ.get("MODELSCOPE_API_TOKEN") else "no token is set"
+    if "NotExistError" in names or getattr(getattr(error, "response", None), "status_code", None) == 404:
+        return FetchError(
+            f"{request.model_id} not found on ModelScope ({endpoint}): {detail}; check MODEL_ID and MODEL_REVISION "
+            f"in .env; for a private model set MODELSCOPE_API_TOKEN ({token_hint})",
+            exit_code=EXIT_REFUSED,
+        )
+    if names & {"AuthenticationError", "PermissionDeniedError"}:
+        return FetchError(
+            f"ModelScope ({endpoint}) refused the credentials for {request.model_id} ({detail}, {token_hint}): set "
+            "a valid MODELSCOPE_API_TOKEN in .env",
+            exit_code=EXIT_REFUSED,
+        )
+    mismatch = [message for message in logged if "mismatch" in message.lower()]
+    if mismatch or "FileIntegrityError" in names:
+        return FetchError(
+            f"a file from ModelScope ({endpoint}) failed verification ({(mismatch or [detail])[-1][:200]}): it was "
+            "not kept; run the fetch again (a proxy or mirror that alters files would fail again)",
+            exit_code=EXIT_VERIFY,
+        )
+    network = _network_error(error, endpoint, "MODELSCOPE_ENDPOINT")
+    if network is not None or names & {"NetworkError", "FileDownloadError", "ServerError", "RateLimitError"}:
+        why = logged[-1][:200] if logged else detail
+        return FetchError(
+            f"cannot download {request.model_id} from ModelScope ({endpoint}): {why}: check the network, the proxy "
+            "(HTTPS_PROXY, NO_PROXY), or set MODELSCOPE_ENDPOINT to a mirror; the files fetched so far are kept "
+            "and the next run resumes",
+            exit_code=EXIT_UNREACHABLE,
+        )
+    why = logged[-1][:200] if logged else detail
+    return FetchError(
+        f"ModelScope ({endpoint}) could not deliver {request.label}: {type(error).__name__}: {why}; check MODEL_ID "
+        "and MODEL_REVISION (MODEL_FETCH_DEBUG=1 shows the traceback)",
+        exit_code=EXIT_UNREACHABLE,
+    )
+
+
 def fetch_modelscope(request: Request, staging: Path) -> str:
     try:
         from modelscope import snapshot_download
@@ -391,28 +461,21 @@ def fetch_modelscope(request: Request, staging: Path) -> str:
             "MODEL_SOURCE=huggingface",
             exit_code=EXIT_SETTINGS,
         ) from None
-    endpoint = os.environ.get("MODELSCOPE_ENDPOINT") or os.environ.get("MODELSCOPE_DOMAIN") or "modelscope.cn"
+    debug = os.environ.get("MODEL_FETCH_DEBUG", "").lower() in ("1", "true", "yes")
+    logged = _quiet_modelscope(debug)
+    endpoint = os.environ.get("MODELSCOPE_ENDPOINT") or os.environ.get("MODELSCOPE_DOMAIN") or "https://modelscope.cn"
     revision = request.revision or "master"
     try:
         listing = HubApi().get_model_files(request.model_id, revision=revision, recursive=True)
         sizes = {str(item["Path"]): item.get("Size") for item in listing if item.get("Type", "blob") != "tree"}
         paths = wanted(sorted(sizes))
-        log(f"{request.label}: {len(paths)} files")
+        log(f"{request.label}: {len(paths)} files, {sum(int(sizes[p] or 0) for p in paths)} bytes")
         # The modelscope client checks each file's sha256 against the hub's record as it downloads.
         snapshot_download(request.model_id, revision=revision, local_dir=str(staging), allow_patterns=paths)
     except FetchError:
         raise
     except Exception as error:
-        mapped = _network_error(error, endpoint, "MODELSCOPE_ENDPOINT")
-        if mapped is None:
-            status = _status(error)
-            text = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
-            mapped = FetchError(
-                f"ModelScope ({endpoint}) refused {request.label} (HTTP {status}: {text}): check MODEL_ID and "
-                "MODEL_REVISION, and MODELSCOPE_API_TOKEN for a private model",
-                exit_code=EXIT_REFUSED,
-            )
-        raise mapped from error
+        raise _modelscope_error(error, request, endpoint, logged.messages) from error
     files = [RemoteFile(path=path, size=int(size) if isinstance(size, int) else None) for path, size in sizes.items()]
     verify(staging, [file for file in files if file.path in paths], where=endpoint)
     return revision
@@ -484,8 +547,7 @@ def main(argv: list[str] | None = None) -> int:
     if not debug:
         # The clients' own retry chatter ("Trying to resume download...") would bury the one line that says why.
         os.environ.setdefault("HF_HUB_VERBOSITY", "error")  # huggingface_hub sets its level from it on import
-        logging.getLogger("modelscope").setLevel(logging.ERROR)
-        logging.getLogger("modelscope_hub").setLevel(logging.ERROR)
+        os.environ.setdefault("TQDM_DISABLE", "1")  # ModelScope's per-file progress bars
     try:
         request, refresh = parse_args(argv)
         fetch(request, refresh=refresh)

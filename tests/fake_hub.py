@@ -26,7 +26,7 @@ import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 # Files at least this big are served as "LFS" files (sha256 ETag and an "lfs" entry in the tree), like the
@@ -72,6 +72,7 @@ class FakeHub:
     cut_after: dict[str, int] = field(default_factory=dict)  # file path -> bytes sent before dropping the line
     cuts_left: dict[str, int] = field(default_factory=dict)  # file path -> responses still to cut (absent: all)
     tree_override: dict[str, dict[str, object]] = field(default_factory=dict)  # file path -> tree entry to list
+    modelscope_override: dict[str, dict[str, object]] = field(default_factory=dict)  # file path -> fields to list
     requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -132,7 +133,9 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 message = "Invalid credentials in Authorization header"
                 self._json(401, {"error": message}, {"X-Error-Message": message})
                 return
-            if path.startswith("/api/models/"):
+            if path.startswith("/api/v1/models/"):
+                self._modelscope(path.removeprefix("/api/v1/models/"), head=head)
+            elif path.startswith("/api/models/"):
                 self._api(path.removeprefix("/api/models/"))
             elif "/resolve/" in path:
                 repo_id, _, rest = path.lstrip("/").partition("/resolve/")
@@ -156,6 +159,32 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 self._json(200, {"id": repo_id, "modelId": repo_id, "sha": COMMIT, "siblings": siblings})
             else:
                 self._json(200, [hub.tree_override.get(path, file.tree_entry()) for path, file in files.items()])
+
+        def _modelscope(self, rest: str, *, head: bool) -> None:
+            """ModelScope's API (read from its client): ``repo/files`` lists, ``repo?FilePath=`` downloads."""
+            query = parse_qs(urlsplit(self.path).query)
+            repo_id, _, action = rest.partition("/repo")
+            files = hub.repos.get(repo_id)
+            if files is None:
+                self._json(404, {"Code": 10010205001, "Message": "model not found", "Success": False})
+            elif action == "/files":
+                listing = [
+                    {
+                        "Name": f.path.rsplit("/", 1)[-1],
+                        "Path": f.path,
+                        "Type": "blob",
+                        "Size": len(f.data),
+                        "Sha256": f.sha256,
+                        "Revision": COMMIT,
+                        **hub.modelscope_override.get(f.path, {}),
+                    }
+                    for f in files.values()
+                ]
+                self._json(200, {"Code": 200, "Success": True, "Data": {"Files": listing}})
+            elif action == "" and "FilePath" in query:
+                self._file(repo_id, query["FilePath"][0], head=head)
+            else:
+                self._json(404, {"Code": 404, "Message": "not found", "Success": False})
 
         def _file(self, repo_id: str, file_path: str, *, head: bool) -> None:
             files = hub.repos.get(repo_id)

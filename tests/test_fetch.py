@@ -1,8 +1,9 @@
-"""The model fetcher (``python -m app.fetch``) for real: huggingface_hub's own client against a local Hub.
+"""The model fetcher (``python -m app.fetch``) for real: huggingface_hub's and modelscope's own clients against a
+local stand-in for the hubs.
 
-Each test runs the fetcher as the model-fetch container does (a subprocess with ``HF_ENDPOINT`` pointing at
-tests/fake_hub.py) and checks what lands in the models directory, what went over the wire, and the one line a
-failure prints.
+Each test runs the fetcher as the model-fetch container does (a subprocess with ``HF_ENDPOINT`` or
+``MODELSCOPE_ENDPOINT`` pointing at tests/fake_hub.py) and checks what lands in the models directory, what went
+over the wire, and the one line a failure prints.
 """
 
 from __future__ import annotations
@@ -37,7 +38,10 @@ def run_fetch(endpoint: str, root: Path, tmp_path: Path, **env: str) -> subproce
     environment = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("HF_", "MODEL"))},
         "HF_ENDPOINT": endpoint,
+        "MODELSCOPE_ENDPOINT": endpoint,
         "HF_HOME": str(tmp_path / "hf-home"),  # no token or cache of this machine's user
+        "HOME": str(tmp_path / "home"),
+        "MODELSCOPE_CACHE": str(tmp_path / "modelscope-cache"),
         "MODELS_ROOT": str(root),
         "PYTHONPATH": str(REPO_ROOT),
         **env,
@@ -269,3 +273,48 @@ def test_only_the_files_the_service_needs_are_fetched() -> None:
     ]
     # Without safetensors the pickled weights are the only ones: kept.
     assert "pytorch_model.bin" in wanted(["config.json", "pytorch_model.bin", "vocab.txt"])
+
+
+# --- ModelScope -------------------------------------------------------------------------------------------------
+
+
+def test_modelscope_fetch_lands_the_model_and_a_second_run_does_not_download(
+    hub: tuple[FakeHub, str], root: Path, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    fake, url = hub
+    result = run_fetch(url, root, tmp_path, MODEL_SOURCE="modelscope")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""  # no progress bars or client logging
+    for source in tiny_model_dir.iterdir():
+        assert (root / CURRENT / source.name).read_bytes() == source.read_bytes(), source.name
+    assert model_dir_problem(root / CURRENT) is None
+    record = json.loads((root / CURRENT / FETCHED_MARKER).read_text())
+    assert (record["source"], record["model_id"], record["revision"]) == ("modelscope", MODEL_ID, None)
+    # ModelScope's own API, not the Hugging Face one.
+    assert all(path.startswith("/api/v1/models/") or path.startswith("/api/v1/repos/") for _, path, _ in fake.requests)
+
+    before = len(fake.requests)
+    again = run_fetch(url, root, tmp_path, MODEL_SOURCE="modelscope")
+    assert again.returncode == 0, again.stderr
+    assert len(fake.requests) == before
+
+
+def test_modelscope_missing_model_is_one_line(hub: tuple[FakeHub, str], root: Path, tmp_path: Path) -> None:
+    _, url = hub
+    result = run_fetch(url, root, tmp_path, MODEL_SOURCE="modelscope", MODEL_ID="BAAI/no-such-reranker")
+    assert result.returncode == 3
+    line = one_line(result)
+    assert "BAAI/no-such-reranker not found on ModelScope" in line and "MODEL_ID" in line
+    assert not (root / CURRENT).exists()
+
+
+def test_modelscope_file_that_fails_its_checksum_is_not_published(
+    hub: tuple[FakeHub, str], root: Path, tmp_path: Path
+) -> None:
+    fake, url = hub
+    fake.modelscope_override = {"tokenizer.json": {"Sha256": "0" * 64}}  # the hub's record and the bytes differ
+    result = run_fetch(url, root, tmp_path, MODEL_SOURCE="modelscope")
+    assert result.returncode == 5
+    line = one_line(result)
+    assert "failed verification" in line and "tokenizer.json" in line
+    assert not (root / CURRENT).exists()
