@@ -61,3 +61,24 @@ def test_cuda_health_check_and_describe(family_dirs: dict[str, Path]) -> None:
     facts = backend.describe()
     assert (facts["device"], facts["dtype"], facts["weights"]) == ("cuda", "float16", "float16")
     assert facts["architecture"] == "XLMRobertaForSequenceClassification"
+
+
+def test_cuda_graphs_score_as_the_eager_model(family_dirs: dict[str, Path]) -> None:
+    """Batches of every size, padded into captured shapes or too big for one, score as the eager model does."""
+    from app.engine.cuda_graphs import GRAPH_MAX_TOKENS
+
+    settings = {"model_path": family_dirs["ms-marco-MiniLM-L-6-v2"], "device": "cuda", "dtype": "float32"}
+    graphed = TorchBackend(Settings(**settings))  # type: ignore[arg-type]
+    graphed.warm_up()
+    eager = TorchBackend(Settings(**settings, cuda_graphs=False))  # type: ignore[arg-type]
+    eager.warm_up()
+    assert graphed.graphs is not None and len(graphed.graphs) > 50
+    assert eager.graphs is None
+    captured = len(graphed.graphs)
+    for count, words in ((1, 5), (5, 30), (13, 100), (50, 60), (64, 300)):
+        documents = [make_words(words + 7 * n, seed=count * 100 + n) for n in range(count)]
+        pairs = sorted(graphed.encoder.encode(QUERY, documents).pairs, key=len)
+        padded = count * max(len(pair) for pair in pairs)
+        assert (graphed.graphs.shape_for(count, len(pairs[-1])) is None) == (padded > GRAPH_MAX_TOKENS)
+        np.testing.assert_allclose(graphed.forward(pairs), eager.forward(pairs), atol=1e-4)
+    assert len(graphed.graphs) == captured  # serving captures nothing new: warm-up covered every shape

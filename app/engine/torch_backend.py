@@ -43,6 +43,7 @@ import torch
 
 from app.config import Compile, Device, DType, Settings, model_dir_problem
 from app.engine.base import EncodedPair
+from app.engine.cuda_graphs import CudaGraphs
 from app.engine.first_token import prune_last_layer, restore_last_layer
 from app.engine.model_dir import ModelLoadError, open_model_dir
 
@@ -176,6 +177,10 @@ class TorchBackend:
             self.model.classifier = Float32Head(self.model.classifier, self.device.type)
         # Before compiling: the compiled graph is of the pruned model.
         self.first_token_last_layer = self._prune_last_layer()
+        # CUDA graphs of small batches, captured by warm_up() (cuda_graphs.py).
+        self.graphs: CudaGraphs | None = None
+        self._want_graphs = self.device.type == "cuda" and settings.cuda_graphs
+        self._max_batch_pairs = settings.max_batch_pairs
         # What runs a batch: the model itself, or its compiled graph (compiled lazily, by warm_up()).
         self._run: Callable[..., Any] = self.model
         if self.compiled:
@@ -272,10 +277,17 @@ class TorchBackend:
         # The batcher hands pairs sorted by length, so each slice pads only to its own longest pair.
         scores: list[float] = []
         for start, stop in slices([len(pair) for pair in pairs], self.slice_tokens):
-            scores.extend(self._forward(pairs[start:stop], self._run))
+            scores.extend(self._forward(pairs[start:stop], self._run, graphs=True))
         return scores
 
-    def _forward(self, pairs: Sequence[EncodedPair], run: Callable[..., Any], *, autocast: bool = True) -> list[float]:
+    def _forward(self, pairs: Sequence[EncodedPair], run: Callable[..., Any], *, autocast: bool = True,
+                 graphs: bool = False) -> list[float]:
+        # Graphs only from forward(): their static buffers belong to the one forward thread, and readiness
+        # probes (check()) run beside it.
+        if graphs and self.graphs is not None:
+            replayed = self.graphs.run(pairs)
+            if replayed is not None:
+                return self._scores(replayed)
         longest = max(len(pair) for pair in pairs)
         input_ids = np.full((len(pairs), longest), self.pad_id, dtype=np.int64)
         attention = np.zeros((len(pairs), longest), dtype=np.int64)
@@ -296,7 +308,10 @@ class TorchBackend:
                 # Any batch size, 1 included, reuses the one compiled graph (no 0/1 specialisation).
                 torch._dynamo.decorators.mark_unbacked(tensor, 0)
         with torch.inference_mode(), (self._autocast() if autocast else contextlib.nullcontext()):
-            logits = run(**inputs).logits.float()  # float32 before the sigmoid: no bf16/fp16 ties
+            return self._scores(run(**inputs).logits)
+
+    def _scores(self, logits: torch.Tensor) -> list[float]:
+        logits = logits.float()  # float32 before the sigmoid: no bf16/fp16 ties
         if self.num_labels == 2:
             # log-odds of "relevant", so sigmoid(logit) is the softmax probability of label 1
             logits = logits[:, 1] - logits[:, 0]
@@ -308,12 +323,42 @@ class TorchBackend:
         started = time.perf_counter()
         if self.compiled:
             self._compile_now()
+        if self._want_graphs and self.graphs is None:
+            self._capture_graphs()
         encoder = self.encoder
         for words, batch in ((8, 1), (60, 8), (encoder.max_length, 2)):
             text = " ".join(["warm"] * words)
             request = encoder.encode("warm up", [text] * batch)
             self.forward(request.pairs)
         logger.info("warmed up in %.2fs", time.perf_counter() - started)
+
+    def _capture_graphs(self) -> None:
+        """Capture the CUDA graphs and check them on a padded probe batch against the eager model; on any
+        failure or difference serve eagerly (slower small batches, the same scores)."""
+        graphs = CudaGraphs(self.model, self.device, max_length=self.encoder.max_length,
+                            max_batch_pairs=self._max_batch_pairs, pad_id=self.pad_id,
+                            uses_type_ids=self.uses_type_ids)
+        probe = self.encoder.encode(
+            "which passage mentions the harbour", ["the harbour was busy", "a short one", "x " * 40]
+        ).pairs
+        try:
+            with self._autocast():
+                graphs.capture()
+            eager = np.array(self._forward(probe, self.model))
+            replayed = graphs.run(probe)
+            if replayed is None:
+                raise RuntimeError("no captured shape holds the probe batch")
+            difference = float(np.abs(np.array(self._scores(replayed)) - eager).max())
+        except Exception as error:
+            logger.warning("CUDA graphs could not be captured, every batch runs eagerly: %s: %s",
+                           type(error).__name__, error)
+            return
+        # The same kernels on the same pairs, bar the padding: they differ by rounding only.
+        tolerance = 3e-2 * max(1.0, float(np.abs(eager).max()))
+        if not difference <= tolerance:
+            logger.warning("CUDA graphs moved a probe logit by %.3g; every batch runs eagerly", difference)
+            return
+        self.graphs = graphs
 
     def _compile_now(self) -> None:
         """Compile on a first batch; with ``auto``, a failure (no C++ compiler, say) falls back to eager."""
@@ -356,5 +401,6 @@ class TorchBackend:
             "compiled": str(self.compiled).lower(),
             "attention": self.attention,
             "first_token_last_layer": str(self.first_token_last_layer).lower(),
+            "cuda_graphs": str(len(self.graphs) if self.graphs is not None else 0),
             "threads": str(torch.get_num_threads()),
         }

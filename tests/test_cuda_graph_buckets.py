@@ -1,0 +1,38 @@
+"""Which captured shape a batch runs in (app/engine/cuda_graphs.py): pure bookkeeping, checked on any machine."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from app.engine.cuda_graphs import GRAPH_MAX_TOKENS, CudaGraphs
+
+
+def planned(max_length: int = 512, max_batch_pairs: int = 256) -> CudaGraphs:
+    graphs = CudaGraphs(None, torch.device("cpu"), max_length=max_length, max_batch_pairs=max_batch_pairs,
+                        pad_id=1, uses_type_ids=False)
+    captured: Any = dict.fromkeys(graphs.shapes)  # what capture() would fill, shape by shape
+    graphs._graphs = captured
+    return graphs
+
+
+def test_shapes_stay_within_the_token_budget_and_the_model() -> None:
+    graphs = planned()
+    assert graphs.shapes, "something is captured"
+    assert all(rows * columns <= GRAPH_MAX_TOKENS for rows, columns in graphs.shapes)
+    assert max(columns for _, columns in graphs.shapes) == 512
+    assert max(rows for rows, _ in graphs.shapes) == 256  # 256 pairs of up to 32 tokens
+    assert max(columns for _, columns in planned(max_length=200).shapes) == 200  # never past max_length
+
+
+def test_a_batch_runs_in_the_smallest_shape_that_holds_it() -> None:
+    graphs = planned()
+    assert graphs.shape_for(1, 10) == (1, 32)
+    assert graphs.shape_for(5, 100) == (6, 128)
+    assert graphs.shape_for(16, 116) == (16, 128)
+    assert graphs.shape_for(64, 128) == (64, 128)
+    # too big for any captured shape: eager
+    assert graphs.shape_for(64, 256) is None
+    assert graphs.shape_for(2, 600) is None
+    assert planned(max_batch_pairs=16).shape_for(20, 32) is None
