@@ -1,10 +1,12 @@
-"""The dynamic batcher: one per worker, between the HTTP layer and the model.
+"""The dynamic batcher: one per model (per worker inline, per engine process otherwise), in front of it.
 
 Pairs from concurrent requests wait in one queue. A single consumer task takes everything waiting, sorts it by
-length (so a batch pads little), cuts it into batches of at most ``max_batch_tokens`` padded tokens, and runs
-each batch in a thread so the event loop keeps serving. While a batch runs, new requests queue up and join
-the next round. A pair whose request was cancelled (its client left) is dropped before it costs a forward pass.
-Each pair's score depends only on the pair: padding is masked, so batching never changes an answer.
+length (so a batch pads little) and cuts it into batches of at most ``max_batch_tokens`` padded tokens. Batches
+go to one forward thread that runs them back to back: the next batch is planned and handed over while the
+current one runs, so the model never waits for the event loop between batches (on a GPU that gap is idle
+device time). While a batch runs, new requests queue up and join the next round. A pair whose request was
+cancelled (its client left) is dropped just before its batch runs, so it costs no forward pass. Each pair's
+score depends only on the pair: padding is masked, so batching never changes an answer.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import queue
+import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from app import metrics
@@ -28,6 +31,7 @@ logger = logging.getLogger(__name__)
 class _Waiting:
     pair: EncodedPair
     future: asyncio.Future[float]
+    deferred: bool = False  # held back once to fill a later batch; never again
 
 
 def plan_batches(lengths: Sequence[int], *, max_batch_tokens: int, max_batch_pairs: int) -> list[list[int]]:
@@ -48,6 +52,19 @@ def plan_batches(lengths: Sequence[int], *, max_batch_tokens: int, max_batch_pai
     return batches
 
 
+# Batches handed to the forward thread and not yet finished: the one running and the next, ready to start.
+PIPELINE_DEPTH = 2
+
+
+@dataclass(slots=True)
+class _Batch:
+    items: list[_Waiting]
+    live: list[_Waiting] | None = None  # what actually ran: the items still wanted when the batch started
+    scores: list[float] | None = None
+    error: BaseException | None = None
+    seconds: float = 0.0
+
+
 class DynamicBatcher:
     def __init__(
         self,
@@ -62,12 +79,16 @@ class DynamicBatcher:
         self.max_batch_pairs = max_batch_pairs
         self.max_queue_pairs = max_queue_pairs
         self._waiting: list[_Waiting] = []
-        self._pending_pairs = 0  # queued or in the running round, not yet answered
+        self._pending_pairs = 0  # queued or in a handed-over batch, not yet answered
         self._wakeup = asyncio.Event()
         self._consumer: asyncio.Task[None] | None = None
         self._accepting = False
-        # One model thread: forward passes run one at a time, each using all of the worker's torch threads.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # One model thread: forward passes run one at a time, each using all of the process's torch threads.
+        self._handover: queue.SimpleQueue[_Batch | None] = queue.SimpleQueue()
+        self._slots = asyncio.Semaphore(PIPELINE_DEPTH)
+        self._thread: threading.Thread | None = None
+        self._in_flight = 0  # batches handed to the forward thread and not yet delivered
         self.last_failure: str | None = None
 
     @property
@@ -75,7 +96,13 @@ class DynamicBatcher:
         return self._pending_pairs
 
     def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self._accepting = True
+        self._slots = asyncio.Semaphore(PIPELINE_DEPTH)
+        self._handover = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._forward_loop, args=(self._handover,), name="forward",
+                                        daemon=True)
+        self._thread.start()
         self._consumer = asyncio.create_task(self._run(), name="batcher")
 
     async def stop(self, *, timeout_s: float) -> None:
@@ -92,7 +119,7 @@ class DynamicBatcher:
             if not item.future.done():
                 item.future.set_exception(NotReadyError("the worker is shutting down"))
         self._waiting.clear()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._handover.put(None)  # the forward thread ends after the batch it is running, if any
 
     async def score(self, pairs: Sequence[EncodedPair]) -> list[float]:
         """Logits for ``pairs``, in order. Cancelling the caller withdraws its pairs that have not run yet."""
@@ -118,52 +145,101 @@ class DynamicBatcher:
         self._pending_pairs += len(pairs)
         metrics.QUEUE_DEPTH.inc(len(pairs))
         self._wakeup.set()
-        # gather() cancels every future when the caller is cancelled; the consumer then skips them.
+        # gather() cancels every future when the caller is cancelled; the forward thread then skips them.
         return list(await asyncio.gather(*futures))
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._waiting:
+                # Wait for room before taking the round: what arrives meanwhile still joins it.
+                await self._slots.acquire()
                 round_items, self._waiting = self._waiting, []
                 lengths = [len(item.pair) for item in round_items]
-                for positions in plan_batches(
+                batches = plan_batches(
                     lengths, max_batch_tokens=self.max_batch_tokens, max_batch_pairs=self.max_batch_pairs
-                ):
-                    batch = [round_items[p] for p in positions]
-                    await self._run_batch(loop, batch)
+                )
+                for number, positions in enumerate(batches):
+                    if number:
+                        await self._slots.acquire()
+                    items = [round_items[p] for p in positions]
+                    if number == len(batches) - 1 and self._worth_holding_back(items):
+                        self._slots.release()
+                        break
+                    self._in_flight += 1
+                    self._handover.put(_Batch(items))
+                else:
+                    continue
+                break  # the remainder waits for the running batch to finish (or more work): see _wakeup
 
-    async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Waiting]) -> None:
-        live = [item for item in batch if not item.future.done()]
-        dropped = len(batch) - len(live)
+    def _worth_holding_back(self, items: list[_Waiting]) -> bool:
+        """Hold a round's small remainder back once while the model is busy, so it fills a later batch.
+
+        A batch costs a fixed overhead (kernel launches) on top of its tokens: a request of 64 long pairs
+        splits into a full batch and a few pairs, and running those few alone while the model is busy anyway
+        costs nearly a full batch's launches. Held back, they join what arrives while the current batch runs.
+        An idle model never waits: then it runs at once, and no pair is held back twice.
+        """
+        if not self._in_flight or any(item.deferred for item in items):
+            return False
+        width = max(len(item.pair) for item in items)
+        if len(items) * width * 2 > self.max_batch_tokens or len(items) * 2 > self.max_batch_pairs:
+            return False
+        for item in items:
+            item.deferred = True
+        self._waiting[:0] = items
+        return True
+
+    def _forward_loop(self, handover: queue.SimpleQueue[_Batch | None]) -> None:
+        """The forward thread: runs handed-over batches back to back until told to stop (``None``)."""
+        while (batch := handover.get()) is not None:
+            # Reading done() from this thread is a benign race: a pair cancelled just after is computed anyway,
+            # as it would be had it been cancelled a moment later; its answer is simply not delivered.
+            batch.live = [item for item in batch.items if not item.future.done()]
+            if batch.live:
+                started = time.perf_counter()
+                try:
+                    batch.scores = self._forward_guarded([item.pair for item in batch.live])
+                except Exception as error:  # a device or model fault: fail these requests, keep serving others
+                    batch.error = error
+                batch.seconds = time.perf_counter() - started
+            loop = self._loop
+            if loop is None:
+                return
+            try:
+                loop.call_soon_threadsafe(self._deliver, batch)
+            except RuntimeError:  # the event loop is closed: nobody is waiting for answers any more
+                return
+
+    def _deliver(self, batch: _Batch) -> None:
+        """On the event loop: answer a finished batch and free its slot."""
+        self._slots.release()
+        self._in_flight -= 1
+        if self._waiting:
+            self._wakeup.set()  # a held-back remainder goes now
+        live = batch.live or []
+        dropped = len(batch.items) - len(live)
         if dropped:
             metrics.PAIRS_CANCELLED.inc(dropped)
             self._settle(dropped)
         if not live:
             return
-        pairs = [item.pair for item in live]
-        width = max(len(pair) for pair in pairs)
-        started = time.perf_counter()
-        try:
-            scores = await loop.run_in_executor(self._executor, self._forward_guarded, pairs)
-        except asyncio.CancelledError:
-            self._settle(len(live))
-            raise
-        except Exception as error:  # a device or model fault: fail these requests, keep serving others
-            logger.exception("forward pass of %d pairs failed", len(live))
-            self.last_failure = f"{type(error).__name__}: {error}"
+        if batch.error is not None:
+            logger.error("forward pass of %d pairs failed", len(live), exc_info=batch.error)
+            self.last_failure = f"{type(batch.error).__name__}: {batch.error}"
             for item in live:
                 if not item.future.done():
                     item.future.set_exception(EngineFailure("the model failed while scoring this request"))
             self._settle(len(live))
             return
-        metrics.INFERENCE_SECONDS.observe(time.perf_counter() - started)
+        scores = batch.scores or []
+        width = max(len(item.pair) for item in live)
+        metrics.INFERENCE_SECONDS.observe(batch.seconds)
         metrics.BATCH_SIZE.observe(len(live))
         metrics.BATCH_TOKENS.observe(len(live) * width)
         metrics.PAIRS_SCORED.inc(len(live))
-        metrics.TOKENS_SCORED.inc(sum(len(pair) for pair in pairs))
+        metrics.TOKENS_SCORED.inc(sum(len(item.pair) for item in live))
         self.last_failure = None
         for item, score in zip(live, scores, strict=True):
             if not item.future.done():

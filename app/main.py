@@ -1,7 +1,9 @@
 """The FastAPI application. gunicorn loads it with ``app.main:create_app()`` in every worker.
 
-The lifespan owns the model: it is loaded and warmed after gunicorn forks (nothing CUDA in the master), and
-on shutdown the worker stops taking work and finishes what is queued.
+The lifespan owns the model side: inline, the model is loaded and warmed after gunicorn forks (nothing CUDA in
+the master); with engine processes (started by the master's supervisor, which names their sockets in the
+environment), the worker builds its pair encoder and waits until the engines answer. On shutdown the worker
+stops taking work and finishes what is queued.
 """
 
 from __future__ import annotations
@@ -18,24 +20,41 @@ from app.api.errors import install_error_handlers
 from app.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from app.api.routes import ops_router, router
 from app.config import Settings, get_settings
-from app.engine.base import Backend
+from app.engine.base import Backend, PairEncoder
+from app.engine.supervisor import engine_sockets_from_environment
 from app.service import RerankService
 
 logger = logging.getLogger(__name__)
 
 
-def torch_backend_factory(settings: Settings) -> Callable[[], Backend]:
+def configured_backend_factory(settings: Settings) -> Callable[[], Backend]:
     def load() -> Backend:
-        from app.engine.torch_backend import TorchBackend  # imported here: the HTTP layer never needs torch
+        from app.engine.loader import load_backend  # torch is imported there only when used
 
-        return TorchBackend(settings)
+        return load_backend(settings)
+
+    return load
+
+
+def worker_encoder_factory(settings: Settings) -> Callable[[], PairEncoder]:
+    def load() -> PairEncoder:
+        from app.engine.encoder_only import load_encoder
+
+        return load_encoder(settings)
 
     return load
 
 
 def create_app(settings: Settings | None = None, *, backend_factory: Callable[[], Backend] | None = None) -> FastAPI:
     settings = settings or get_settings()
-    service = RerankService(settings, backend_factory or torch_backend_factory(settings))
+    # A backend handed in (tests) always runs inline; otherwise the master's choice, made once for all workers.
+    sockets = [] if backend_factory is not None else engine_sockets_from_environment()
+    service = RerankService(
+        settings,
+        backend_factory or configured_backend_factory(settings),
+        engine_sockets=sockets,
+        encoder_factory=worker_encoder_factory(settings),
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

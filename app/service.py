@@ -1,8 +1,12 @@
 """The rerank service: the one interface the HTTP layer depends on.
 
-It owns a backend (loaded and warmed in :meth:`start`), the worker's dynamic batcher, and readiness. Requests
-are encoded in a thread (tokenisation overlaps the forward pass running in the batcher's thread), their pairs
-scored through the batcher, and window scores folded back into one score per document.
+Requests are encoded in a thread (the tokenizer's Rust code releases the GIL), their pairs scored, and window
+scores folded back into one score per document. Where the pairs are scored depends on the mode:
+
+- inline: this worker owns a backend (loaded and warmed in :meth:`start`) and its dynamic batcher;
+- engine processes (``engine_sockets`` given, see ``app/engine/process.py``): this worker holds only the pair
+  encoder and sends encoded pairs, packed into numpy arrays in the same encode thread, to an engine process
+  that batches them with every other worker's and runs the forward pass away from this process's GIL.
 """
 
 from __future__ import annotations
@@ -11,15 +15,18 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 from app import metrics
 from app.batcher import DynamicBatcher
 from app.config import LongDocuments, Settings
-from app.engine.base import TRUNCATE, Backend, WindowPolicy
-from app.errors import InvalidRequestError, NotReadyError, PayloadTooLargeError
+from app.engine.base import TRUNCATE, Backend, EncodedRequest, PairEncoder, WindowPolicy
+from app.engine.client import EngineClient
+from app.engine.wire import encode_pairs
+from app.errors import NotReadyError, PayloadTooLargeError
 
 logger = logging.getLogger(__name__)
 
@@ -55,11 +62,22 @@ class RerankOutcome:
 
 
 class RerankService:
-    def __init__(self, settings: Settings, backend_factory: Callable[[], Backend]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        backend_factory: Callable[[], Backend],
+        *,
+        engine_sockets: Sequence[Path] = (),
+        encoder_factory: Callable[[], PairEncoder] | None = None,
+    ) -> None:
         self.settings = settings
         self._backend_factory = backend_factory
-        self.backend: Backend | None = None
-        self.batcher: DynamicBatcher | None = None
+        self._engine_sockets = list(engine_sockets)
+        self._encoder_factory = encoder_factory
+        self.backend: Backend | None = None  # inline only
+        self.batcher: DynamicBatcher | None = None  # inline only
+        self.engines: EngineClient | None = None  # with engine processes only
+        self.encoder: PairEncoder | None = None
         self.state = "starting"  # starting → ready → draining; "failed" if loading failed
         self._encode_pool = _encode_pool()
         self._health_checked_at = -math.inf
@@ -78,6 +96,9 @@ class RerankService:
         self._encode_pool = _encode_pool()
         self._health_checked_at = -math.inf
         self._health_error = None
+        if self._engine_sockets:
+            await self._start_with_engines(started)
+            return
         try:
             backend = await asyncio.to_thread(self._backend_factory)
             await asyncio.to_thread(backend.warm_up)
@@ -85,6 +106,7 @@ class RerankService:
             self.state = "failed"
             raise
         self.backend = backend
+        self.encoder = backend.encoder
         self.batcher = DynamicBatcher(
             backend.forward,
             max_batch_tokens=self.settings.max_batch_tokens,
@@ -96,12 +118,48 @@ class RerankService:
         metrics.WORKERS_READY.set(1)
         logger.info("model ready in %.1fs (%s)", time.perf_counter() - started, backend.describe())
 
+    async def _start_with_engines(self, started: float) -> None:
+        """Build the encoder (tokenizer only) and wait until the engine processes answer."""
+        if self._encoder_factory is None:
+            raise RuntimeError("engine processes need an encoder factory")
+        try:
+            encoder = await asyncio.to_thread(self._encoder_factory)
+            engines = EngineClient(self._engine_sockets, encoder=encoder,
+                                   max_queue_pairs=self.settings.max_queue_pairs)
+            # The engines load and warm the model meanwhile: as long as the worker may stay silent.
+            await engines.start(timeout_s=self.settings.worker_timeout)
+        except Exception:
+            self.state = "failed"
+            raise
+        self.encoder, self.engines = encoder, engines
+        self.state = "ready"
+        metrics.WORKERS_READY.set(1)
+        facts = [connection.facts.get("describe") for connection in engines.connections]
+        logger.info("worker ready in %.1fs with %d engine process(es): %s", time.perf_counter() - started,
+                    len(facts), facts)
+
+    def model_facts(self) -> dict[str, str]:
+        """What was loaded and how it runs (the backend's ``describe()``: architecture, labels, max length,
+        dtype, device), for ``/v1/models`` and ``/info``; empty until the model is ready."""
+        if self.backend is not None:
+            return dict(self.backend.describe())
+        engines = getattr(self, "engines", None)
+        if engines is not None and engines.connections:
+            return dict(engines.connections[0].facts.get("describe") or {})
+        return {}
+
     async def stop(self) -> None:
         """Stop taking work and let queued pairs finish within the graceful timeout."""
         self.state = "draining"
         metrics.WORKERS_READY.set(0)
         if self.batcher is not None:
             await self.batcher.stop(timeout_s=self.settings.graceful_timeout)
+        if self.engines is not None:
+            # Draining: what this worker sent is answered (the engines outlive the workers) before it closes.
+            deadline = time.monotonic() + self.settings.graceful_timeout
+            while self.engines.pending_pairs and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            await self.engines.stop()
         self._encode_pool.shutdown(wait=False, cancel_futures=True)
 
     def window_policy(
@@ -129,15 +187,27 @@ class RerankService:
         overlap = settings.default_overlap_tokens if overlap_tokens is None else overlap_tokens
         return WindowPolicy(max_windows=max_windows, overlap=overlap, max_document_tokens=max_tokens_per_doc)
 
-    async def rerank(self, query: str, documents: Sequence[str], *, policy: WindowPolicy = TRUNCATE) -> RerankOutcome:
-        if self.state != "ready" or self.backend is None or self.batcher is None:
+    async def rerank(
+        self,
+        query: str,
+        documents: Sequence[str],
+        *,
+        chunking: Mapping[str, int | None] | None = None,
+        truncate_only: bool = False,
+        policy: WindowPolicy | None = None,
+    ) -> RerankOutcome:
+        """Score one request: ``chunking`` is what it asked for long documents (``window_policy``'s arguments;
+        absent: the configured default), or ``policy`` says exactly. The query is already validated."""
+        if self.state != "ready" or self.encoder is None:
             raise NotReadyError(f"the model is not ready ({self.state})")
-        if not query.strip():
-            raise InvalidRequestError("query must be a non-empty string", param="query")
+        if policy is None:
+            policy = self.window_policy(**(chunking or {}), truncate_only=truncate_only)
         if not documents:
             return RerankOutcome([], 0)
         loop = asyncio.get_running_loop()
-        encoded = await loop.run_in_executor(self._encode_pool, self.backend.encoder.encode, query, documents, policy)
+        encoded, payload = await loop.run_in_executor(
+            self._encode_pool, self._encode, self.encoder, query, documents, policy
+        )
         limit = self.settings.max_windows_per_request
         if len(encoded.pairs) > limit:
             metrics.REJECTED.labels("too_many_windows").inc()
@@ -146,7 +216,12 @@ class RerankService:
                 "(RERANKER_MAX_WINDOWS_PER_REQUEST): send fewer documents or lower max_chunks_per_doc",
                 param="documents",
             )
-        logits = await self.batcher.score(encoded.pairs)
+        if self.engines is not None:
+            logits = await self.engines.score(payload, len(encoded.pairs))
+        elif self.batcher is not None:
+            logits = await self.batcher.score(encoded.pairs)
+        else:
+            raise NotReadyError(f"the model is not ready ({self.state})")
         results = []
         for index, (first, count) in enumerate(zip(encoded.first_pair, encoded.window_count, strict=True)):
             window_logits = logits[first : first + count]
@@ -155,17 +230,29 @@ class RerankService:
             results.append(DocumentScore(index, logit, sigmoid(logit), best, count, encoded.truncated[index]))
         return RerankOutcome(results, encoded.total_tokens)
 
+    def _encode(
+        self, encoder: PairEncoder, query: str, documents: Sequence[str], policy: WindowPolicy
+    ) -> tuple[EncodedRequest, bytes]:
+        """Tokenise (and, for the engine processes, pack) in the encode thread, off the event loop."""
+        encoded = encoder.encode(query, documents, policy)
+        payload = encode_pairs(encoded.pairs) if self.engines is not None else b""
+        return encoded, payload
+
     async def check_health(self) -> None:
         """Raise :class:`NotReadyError` unless the model is loaded, warmed and a tiny forward pass works."""
-        if self.state != "ready" or self.backend is None:
+        if self.state != "ready" or (self.backend is None and self.engines is None):
             raise NotReadyError(f"the model is not ready ({self.state})")
         async with self._health_lock:
             if time.monotonic() - self._health_checked_at > HEALTH_CACHE_S:
                 try:
-                    await asyncio.to_thread(self.backend.check)
-                    self._health_error = None
+                    if self.engines is not None:
+                        self._health_error = await self.engines.check_health()
+                    elif self.backend is not None:
+                        await asyncio.to_thread(self.backend.check)
+                        self._health_error = None
                 except Exception as error:
                     self._health_error = f"{type(error).__name__}: {error}"
+                if self._health_error is not None:
                     logger.error("readiness check failed: %s", self._health_error)
                 self._health_checked_at = time.monotonic()
                 metrics.WORKERS_READY.set(1 if self._health_error is None else 0)

@@ -1,7 +1,9 @@
 """gunicorn configuration, built from the service's settings (``python -m app`` and the image both use it).
 
-The master only manages workers: nothing loads the model or touches CUDA before the fork (``preload_app`` off);
-each uvicorn worker loads its own model in the FastAPI lifespan.
+The master only manages processes: nothing loads the model or touches CUDA in it (``preload_app`` off). With
+engine processes (``RERANKER_ENGINE``; the default on a GPU) it starts one per device as a fresh interpreter
+before forking the workers, replaces one that dies, and stops them after the workers have drained
+(``app/engine/supervisor.py``); inline, each uvicorn worker loads its own model in the FastAPI lifespan.
 """
 
 import os
@@ -9,8 +11,10 @@ import os
 from prometheus_client import multiprocess
 
 from app.config import load_settings
+from app.engine.supervisor import EngineSupervisor, start_engines
 
 _settings = load_settings()
+_engines: EngineSupervisor | None = None
 
 bind = [f"{_settings.host}:{_settings.port}"]
 workers = _settings.workers
@@ -48,3 +52,13 @@ def child_exit(server, worker):  # gunicorn hook signature; server is unused
     # A dead worker's live gauges must stop counting (multiprocess "live*" modes).
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         multiprocess.mark_process_dead(worker.pid)
+
+
+def on_starting(server):  # gunicorn hook: in the master, before the workers fork
+    global _engines
+    _engines = start_engines(_settings)
+
+
+def on_exit(server):  # gunicorn hook: in the master, after the workers have stopped (drained)
+    if _engines is not None:
+        _engines.stop(timeout_s=_settings.graceful_timeout)

@@ -1,0 +1,211 @@
+"""The engine process: one per device, holding the model, the dynamic batcher and the forward thread.
+
+    python -m app.engine.process --socket /tmp/reranker-engines-9300/engine-0.sock
+
+HTTP workers parse, validate and tokenise; they send encoded pairs here (``wire.py``) and get logits back. Here
+nothing competes with the forward thread for the GIL but a small event loop that moves frames, so kernel
+launches are not held up by JSON parsing or response building, and one model copy serves every worker.
+
+Started by the gunicorn master's supervisor (``supervisor.py``) as a fresh interpreter: nothing CUDA is ever
+initialised in the master. The socket appears only once the model is loaded and warmed (it is bound under a
+temporary name and renamed), so a worker that can connect talks to a ready engine. If loading fails, the reason
+is written beside the socket (``<socket>.failed``) for the waiting workers to report, and the process exits 1.
+It exits when told (SIGTERM: after the batches it holds) or when its parent, the master, is gone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from app.batcher import DynamicBatcher
+from app.config import SettingsError, load_settings
+from app.engine.base import Backend
+from app.engine.loader import load_backend
+from app.engine.wire import Frame, Kind, decode_pairs, encode_scores, pack, pack_json, read_frame
+from app.errors import EngineFailure, NotReadyError, OverloadedError, PayloadTooLargeError
+
+logger = logging.getLogger("app.engine.process")
+
+HEALTH_CACHE_S = 1.0  # every worker probes; they share one check per second
+PROBE_QUERY, PROBE_DOCUMENT = "which harbour was busy", "The harbour was busy with ships at dawn."
+
+
+def forget(requests: dict[int, asyncio.Task[None]], request_id: int, _: object) -> None:
+    requests.pop(request_id, None)
+
+
+def failure_marker(socket_path: Path) -> Path:
+    return socket_path.with_name(socket_path.name + ".failed")
+
+
+class Engine:
+    def __init__(self, backend: Backend, batcher: DynamicBatcher) -> None:
+        self.backend = backend
+        self.batcher = batcher
+        self._health_checked_at = -math.inf
+        self._health_error: str | None = None
+        self._health_lock = asyncio.Lock()
+        self.connections: set[asyncio.StreamWriter] = set()
+
+    def facts(self) -> dict[str, Any]:
+        probe = self.backend.encoder.encode(PROBE_QUERY, [PROBE_DOCUMENT]).pairs[0]
+        return {
+            "pid": os.getpid(),
+            "describe": self.backend.describe(),
+            "max_length": self.backend.encoder.max_length,
+            "probe_ids": [int(token) for token in probe.input_ids],
+            "probe_types": [int(t) for t in probe.type_ids],
+        }
+
+    async def health(self) -> str | None:
+        async with self._health_lock:
+            if time.monotonic() - self._health_checked_at > HEALTH_CACHE_S:
+                try:
+                    await asyncio.to_thread(self.backend.check)
+                    self._health_error = None
+                except Exception as error:
+                    self._health_error = f"{type(error).__name__}: {error}"
+                    logger.error("engine health check failed: %s", self._health_error)
+                self._health_checked_at = time.monotonic()
+            return self._health_error
+
+    async def serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One HTTP worker's connection: many requests in flight, answered as they finish, in any order."""
+        self.connections.add(writer)
+        requests: dict[int, asyncio.Task[None]] = {}
+        try:
+            while True:
+                frame = await read_frame(reader)
+                if frame.kind is Kind.SCORE:
+                    task = asyncio.create_task(self._score(frame, writer))
+                    requests[frame.request_id] = task
+                    task.add_done_callback(partial(forget, requests, frame.request_id))
+                elif frame.kind is Kind.CANCEL:
+                    if (pending := requests.get(frame.request_id)) is not None:
+                        pending.cancel()  # its pairs that have not run leave the queue
+                elif frame.kind is Kind.HEALTH:
+                    health = asyncio.create_task(self._answer_health(frame, writer))
+                    requests[-frame.request_id] = health  # held (and cancelled with the connection)
+                    health.add_done_callback(partial(forget, requests, -frame.request_id))
+                elif frame.kind is Kind.HELLO:
+                    writer.write(pack_json(Kind.HELLO_OK, frame.request_id, self.facts()))
+                else:
+                    raise ValueError(f"unexpected frame {frame.kind.name} from a worker")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the worker went away (stopped, recycled or killed)
+        except Exception:
+            logger.exception("closing a worker connection after a protocol error")
+        finally:
+            for task in list(requests.values()):
+                task.cancel()  # its requests have nobody to answer to: their pairs leave the queue
+            writer.close()
+            self.connections.discard(writer)
+
+    async def _score(self, frame: Frame, writer: asyncio.StreamWriter) -> None:
+        pairs = decode_pairs(frame.body, frame.count)
+        try:
+            logits = await self.batcher.score(pairs)
+        except EngineFailure as error:
+            reply = pack(Kind.FAILED, frame.request_id, body=error.message.encode())
+        except NotReadyError as error:
+            reply = pack(Kind.NOT_READY, frame.request_id, body=error.message.encode())
+        except (OverloadedError, PayloadTooLargeError) as error:
+            reply = pack(Kind.OVERLOADED, frame.request_id, body=error.message.encode())
+        else:
+            reply = pack(Kind.SCORES, frame.request_id, len(logits), encode_scores(logits))
+        if not writer.is_closing():
+            writer.write(reply)
+
+    async def _answer_health(self, frame: Frame, writer: asyncio.StreamWriter) -> None:
+        error = await self.health()
+        reply = pack(Kind.HEALTH_OK, frame.request_id) if error is None else pack(
+            Kind.HEALTH_FAILED, frame.request_id, body=error.encode()
+        )
+        if not writer.is_closing():
+            writer.write(reply)
+
+
+async def serve(socket_path: Path) -> int:
+    settings = load_settings()
+    marker = failure_marker(socket_path)
+    socket_path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in (socket_path, marker):
+        stale.unlink(missing_ok=True)
+    started = time.perf_counter()
+    try:
+        backend = await asyncio.to_thread(load_backend, settings)
+        await asyncio.to_thread(backend.warm_up)
+    except Exception as error:
+        message = str(error) or type(error).__name__
+        logger.error("engine failed to start: %s", message)
+        marker.write_text(message)
+        return 1
+    # Workers bound their own queues (429s are theirs); this bound only guards against a runaway peer.
+    batcher = DynamicBatcher(
+        backend.forward,
+        max_batch_tokens=settings.max_batch_tokens,
+        max_batch_pairs=settings.max_batch_pairs,
+        max_queue_pairs=settings.max_queue_pairs * settings.workers,
+    )
+    batcher.start()
+    engine = Engine(backend, batcher)
+    staging = socket_path.with_name(f".{socket_path.name}.{os.getpid()}")
+    staging.unlink(missing_ok=True)
+    server = await asyncio.start_unix_server(engine.serve_connection, path=str(staging))
+    os.replace(staging, socket_path)  # connectable only now: loaded and warmed
+    logger.info("engine ready on %s in %.1fs (%s)", socket_path, time.perf_counter() - started, backend.describe())
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    parent = os.getppid()
+
+    async def watch_parent() -> None:
+        # The master may die without stopping us (SIGKILL): an engine must not outlive its server.
+        while os.getppid() == parent:
+            await asyncio.sleep(1.0)
+        logger.warning("engine's parent process is gone; stopping")
+        stop.set()
+
+    watcher = asyncio.create_task(watch_parent())
+    await stop.wait()
+    watcher.cancel()
+    socket_path.unlink(missing_ok=True)
+    server.close()
+    # Workers have drained before the master stops its engines; what is still queued gets its answers.
+    await batcher.stop(timeout_s=settings.graceful_timeout)
+    for connection in list(engine.connections):
+        connection.close()  # each connection's reader ends, cancelling what it still had in flight
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(server.wait_closed(), timeout=1)
+    logger.info("engine on %s stopped", socket_path)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m app.engine.process", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--socket", required=True, type=Path, help="Unix socket path to serve on")
+    args = parser.parse_args(argv)
+    try:
+        level = load_settings().log_level.upper()
+    except SettingsError as error:
+        print(f"reranker engine: {error}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s")
+    return asyncio.run(serve(args.socket))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
