@@ -6,6 +6,9 @@ The same RAGFlow-shaped requests and closed-loop clients as ``bench/run.py`` (``
     python -m bench.stack --url http://127.0.0.1:9300 --clients 1,4 --duration 30
 
 Per client count: pairs scored per second, latency percentiles, errors. ``--json`` writes the figures.
+
+``--container NAME`` also reads the container's CPU time (its cgroup, through ``docker exec``): the cores it used
+and pairs per CPU-second, which stay comparable when other work shares the machine and pairs/s does not.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import argparse
 import asyncio
 import json
 import logging
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,6 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--ready-timeout", type=float, default=600.0)
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
+    parser.add_argument("--container", default=None, help="docker container to read CPU time from (optional)")
     return parser.parse_args(argv)
 
 
@@ -55,6 +60,26 @@ def wait_ready(url: str, timeout: float) -> None:
         time.sleep(1)
 
 
+def container_cpu_seconds(container: str) -> float:
+    """CPU seconds the container has used: cgroup v2's cpu.stat, else v1's cpuacct.usage (nanoseconds)."""
+    script = (
+        "if [ -f /sys/fs/cgroup/cpu.stat ]; then awk '/^usage_usec/ {print $2 * 1000}' /sys/fs/cgroup/cpu.stat; "
+        "else cat /sys/fs/cgroup/cpuacct/cpuacct.usage; fi"
+    )
+    out = subprocess.run(
+        ["docker", "exec", container, "sh", "-c", script], capture_output=True, text=True, check=True, timeout=30
+    ).stdout
+    return float(out.split()[0]) / 1e9
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds every core of this machine spent busy (``/proc/stat``)."""
+    with open("/proc/stat") as stat:
+        fields = [float(value) for value in stat.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)
+    return (sum(fields) - idle) / 100.0  # USER_HZ
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     url = args.url.rstrip("/")
     wait_ready(url, args.ready_timeout)
@@ -68,6 +93,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         response.raise_for_status()
     cells = []
     for clients in [int(part) for part in args.clients.split(",") if part.strip()]:
+        cpu0 = container_cpu_seconds(args.container) if args.container else 0.0
+        busy0, t0 = machine_busy_seconds(), time.perf_counter()
         samples, wall = asyncio.run(
             drive(
                 f"{url}/v1/rerank",
@@ -78,6 +105,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 timeout_s=900,
             )
         )
+        elapsed = time.perf_counter() - t0
+        busy = machine_busy_seconds() - busy0
         ok = [sample for sample in samples if sample.status == 200]
         latencies = [sample.latency * 1000 for sample in ok]
         cell = {
@@ -90,9 +119,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "p50_ms": round(percentile(latencies, 50), 1),
             "p90_ms": round(percentile(latencies, 90), 1),
             "p99_ms": round(percentile(latencies, 99), 1),
+            "machine_busy_cores": round(busy / elapsed, 2),
         }
+        if args.container:
+            cores = (container_cpu_seconds(args.container) - cpu0) / elapsed
+            cell["server_cores"] = round(cores, 2)
+            cell["other_load_cores"] = round(max(0.0, busy / elapsed - cores), 2)
+            cell["pairs_per_cpu_s"] = round(cell["pairs_per_s"] / cores, 2) if cores else 0.0
         logger.info(
-            "%s clients=%d: %.2f pairs/s, p50 %.0f ms, p90 %.0f ms, %d requests, %d errors",
+            "%s clients=%d: %.2f pairs/s, p50 %.0f ms, p90 %.0f ms, %d requests, %d errors, machine busy %.2f "
+            "cores, server %s cores, %s pairs per CPU-second",
             workload.name,
             clients,
             cell["pairs_per_s"],
@@ -100,6 +136,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             cell["p90_ms"],
             cell["requests"],
             cell["errors"],
+            cell["machine_busy_cores"],
+            cell.get("server_cores", "?"),
+            cell.get("pairs_per_cpu_s", "?"),
         )
         cells.append(cell)
     return {"url": url, "workload": workload.name, "description": workload.description, "cells": cells}
