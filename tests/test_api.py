@@ -170,9 +170,9 @@ class TestOtherDialects:
         assert (data["data"][0]["model_type"], data["data"][0]["max_model_len"]) == ("rerank", 512)
         assert (data["data"][0]["device"], data["data"][0]["dtype"]) == ("fake", "float32")
 
-    def test_tei_info_needs_no_key(self, make_client: Any) -> None:
-        client = make_client(api_key="secret")
-        info = client.get("/info").json()
+    def test_tei_info(self, make_client: Any) -> None:
+        assert make_client(api_key="secret").get("/info").status_code == 401  # guarded like /v1/models
+        info = make_client().get("/info").json()
         assert info["model_id"] == "bge-reranker-base-local"
         assert set(info["model_type"]) == {"reranker", "rerank"}
         assert info["model_type"]["rerank"]["id2label"] == {"0": "LABEL_0"}

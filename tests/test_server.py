@@ -178,6 +178,7 @@ def test_models_health_ready_metrics_and_docs(live_server: ServerProcess) -> Non
         assert client.get("/health").json() == {"status": "ok"}
         assert client.get("/ready").json() == {"status": "ready"}
         assert client.get("/docs").status_code == 200
+        assert client.get("/no-such-path").status_code == 404
         metrics = client.get("/metrics")
         assert metrics.headers["content-type"].startswith("text/plain")
         text = metrics.text
@@ -187,6 +188,8 @@ def test_models_health_ready_metrics_and_docs(live_server: ServerProcess) -> Non
                      "reranker_ready_workers"):
             assert name in text, name
         assert "reranker_ready_workers 2.0" in text
+        # FastAPI's own pages are counted under their path; unknown paths share one label
+        assert 'route="/docs"' in text and 'route="unmatched"' in text and "no-such-path" not in text
         assert "reranker_workers 2.0" in text
 
 

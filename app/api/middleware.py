@@ -53,7 +53,9 @@ class RequestContextMiddleware:
         finally:
             elapsed = time.perf_counter() - started
             route = scope.get("route")
-            route_path = getattr(route, "path", None) or "unmatched"
+            # FastAPI's own routes (/docs, /openapi.json) match without a "route" in the scope, only an endpoint;
+            # a path nothing matched stays "unmatched" (one label, however many paths are probed).
+            route_path = getattr(route, "path", None) or (scope["path"] if scope.get("endpoint") else "unmatched")
             metrics.REQUESTS.labels(route_path, scope["method"], str(status)).inc()
             metrics.REQUEST_LATENCY.labels(route_path).observe(elapsed)
             if self.access_log and route_path not in {"/health", "/metrics"}:

@@ -1,7 +1,10 @@
-"""Request and response models for every rerank dialect (see shared/RERANK_WIRE.md).
+"""Request and response models for every rerank dialect (see shared/RERANK_WIRE.md), and the conversions.
 
 One request model accepts the union of what RAGFlow's providers, Cohere v1/v2, Jina, vLLM, Xinference, TEI and
-NVIDIA send; unknown fields are ignored. Limits live here so FastAPI refuses bad input before any work is done.
+NVIDIA send; unknown fields are ignored. Limits live here so FastAPI refuses bad input before any work is done,
+and the request normalises itself (``query_text``, ``document_texts``, ``chunking``). Each dialect's answer is
+built here from the service's outcome (``RerankResponse.from_outcome``, ``TeiRank.ranked``,
+``NvidiaResponse.from_outcome``), so the routes only wire a request to the service and back.
 """
 
 from __future__ import annotations
@@ -9,6 +12,28 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from app.errors import InvalidRequestError, PayloadTooLargeError
+from app.service import DocumentScore, RerankOutcome
+
+
+def require_unicode(text: str, param: str) -> None:
+    """Refuse text that is not valid Unicode: a lone UTF-16 surrogate (JSON ``"\\ud800"``) parses into a Python
+    string that no tokenizer or UTF-8 encoder accepts, so it would otherwise fail as a 500."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        code = ord(text[error.start])
+        raise InvalidRequestError(
+            f"{param} is not valid Unicode: unpaired surrogate \\u{code:04x} at character {error.start}",
+            param=param,
+        ) from None
+
+
+def ranked(outcome: RerankOutcome, top_n: int | None = None) -> list[DocumentScore]:
+    """Documents best first (ties: the request's order), the first ``top_n`` (None or 0: all)."""
+    order = sorted(outcome.documents, key=lambda document: (-document.logit, document.index))
+    return order[:top_n] if top_n else order
 
 
 class TextObject(BaseModel):
@@ -58,6 +83,66 @@ class RerankRequest(BaseModel):
         None, ge=1, description="Cohere v2 / vLLM: score at most this many tokens of each document (chunked)."
     )
 
+    @property
+    def wants_tei_list(self) -> bool:
+        """TEI's body (``texts``, no ``documents``) gets TEI's bare list back."""
+        return self.texts is not None and self.documents is None
+
+    def query_text(self) -> str:
+        query = self.query.text if isinstance(self.query, TextObject) else self.query
+        if not query.strip():
+            raise InvalidRequestError("query must be a non-empty string", param="query")
+        require_unicode(query, "query")
+        return query
+
+    def document_texts(self, *, max_documents: int) -> list[str]:
+        """The documents' texts, whatever field and shape the dialect used, checked and within the limit."""
+        texts = self._texts()
+        if len(texts) > max_documents:
+            raise PayloadTooLargeError(
+                f"{len(texts)} documents sent; the limit is {max_documents} (RERANKER_MAX_DOCUMENTS)",
+                param="documents",
+            )
+        for position, text in enumerate(texts):
+            require_unicode(text, f"documents[{position}]")
+        return texts
+
+    def _texts(self) -> list[str]:
+        if self.documents is not None:
+            return [self._document_text(position, document) for position, document in enumerate(self.documents)]
+        if self.texts is not None:
+            return list(self.texts)
+        if self.passages is not None:
+            return [passage.text for passage in self.passages]
+        raise InvalidRequestError("documents is required (a list of strings)", param="documents")
+
+    def _document_text(self, position: int, document: str | dict[str, Any]) -> str:
+        if isinstance(document, str):
+            return document
+        if self.rank_fields:
+            values = [(field, document.get(field)) for field in self.rank_fields if field in document]
+            if values and all(isinstance(value, str) for _, value in values):
+                return "\n".join(f"{field}: {value}" for field, value in values)
+            raise InvalidRequestError(
+                f"documents[{position}] has no string field among rank_fields {self.rank_fields}",
+                param=f"documents[{position}]",
+            )
+        text = document.get("text")
+        if not isinstance(text, str):
+            raise InvalidRequestError(
+                f"documents[{position}] must be a string or an object with a text field",
+                param=f"documents[{position}]",
+            )
+        return text
+
+    def chunking(self) -> dict[str, int | None]:
+        """What the request asked for long documents (Cohere v1 / SILICONFLOW, Cohere v2 / vLLM)."""
+        return {
+            "max_chunks_per_doc": self.max_chunks_per_doc,
+            "overlap_tokens": self.overlap_tokens,
+            "max_tokens_per_doc": self.max_tokens_per_doc,
+        }
+
 
 class DocumentText(BaseModel):
     text: str
@@ -86,6 +171,11 @@ class SeedResult(BaseModel):
 class Usage(BaseModel):
     prompt_tokens: int
     total_tokens: int
+
+    @classmethod
+    def of(cls, outcome: RerankOutcome) -> Usage:
+        """Every token of every scored pair (special tokens and every window included)."""
+        return cls(prompt_tokens=outcome.total_tokens, total_tokens=outcome.total_tokens)
 
 
 class MetaTokens(BaseModel):
@@ -117,11 +207,45 @@ class RerankResponse(BaseModel):
     meta: Meta
     data: list[SeedResult] | None = Field(None, description="The seed's format; only on /v1/rerank and its aliases.")
 
+    @classmethod
+    def from_outcome(cls, outcome: RerankOutcome, body: RerankRequest, texts: list[str], *, request_id: str,
+                     model: str, seed_data: bool) -> RerankResponse:
+        """Cohere/Jina/vLLM/RAGFlow's ``results`` (sigmoid scores unless ``raw_scores``), ``usage``, ``meta``,
+        and on the seed's paths its ``data`` list."""
+        best = ranked(outcome, body.top_n)
+
+        def score(document: DocumentScore) -> float:
+            return document.logit if body.raw_scores else document.relevance_score
+
+        results = [
+            RerankResult(
+                index=document.index,
+                relevance_score=score(document),
+                document=DocumentText(text=texts[document.index]) if body.return_documents else None,
+                chunk=(ChunkInfo(index=document.best_window, count=document.window_count)
+                       if document.window_count > 1 else None),
+            )
+            for document in best
+        ]
+        data = [SeedResult(index=d.index, score=score(d), document=texts[d.index]) for d in best] if seed_data else None
+        return cls(id=request_id, model=model, results=results, usage=Usage.of(outcome),
+                   meta=Meta(tokens=MetaTokens(input_tokens=outcome.total_tokens)), data=data)
+
 
 class TeiRank(BaseModel):
     index: int
     score: float
     text: str | None = None
+
+    @classmethod
+    def ranked(cls, outcome: RerankOutcome, body: RerankRequest, texts: list[str]) -> list[TeiRank]:
+        """TEI's bare list, every document best first (TEI has no top_n)."""
+        return [
+            cls(index=document.index,
+                score=document.logit if body.raw_scores else document.relevance_score,
+                text=texts[document.index] if body.return_text else None)
+            for document in ranked(outcome)
+        ]
 
 
 class NvidiaRanking(BaseModel):
@@ -132,6 +256,11 @@ class NvidiaRanking(BaseModel):
 class NvidiaResponse(BaseModel):
     rankings: list[NvidiaRanking]
     usage: Usage
+
+    @classmethod
+    def from_outcome(cls, outcome: RerankOutcome, body: RerankRequest) -> NvidiaResponse:
+        rankings = [NvidiaRanking(index=d.index, logit=d.logit) for d in ranked(outcome, body.top_n)]
+        return cls(rankings=rankings, usage=Usage.of(outcome))
 
 
 class ModelCard(BaseModel):
