@@ -1,25 +1,22 @@
-"""Shared fixtures: the offline tiny model, settings, a fake-engine app, and a real ``python -m app`` server."""
+"""Shared fixtures: the offline tiny model, settings, a fake-engine app, and a real ``python -m app`` server
+(started by ``tests.utils.start_server``)."""
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from fastapi.testclient import TestClient
 
 from tests.model_factory import build_cross_encoder
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+# The server launcher and friends live in tests/utils.py (the benchmark and the soak use them without pytest);
+# imported here too for the test modules that take them from conftest.
+from tests.utils import REPO_ROOT, ServerProcess, fake_model_dir, free_port, start_server, wait_until_ready
+
+__all__ = ["REPO_ROOT", "ServerProcess", "fake_model_dir", "free_port", "start_server", "wait_until_ready"]
 
 
 @pytest.fixture(scope="session")
@@ -28,103 +25,12 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_cross_encoder(tmp_path_factory.mktemp("models") / "tiny-reranker", shape="tiny")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class ServerProcess:
-    """A real ``python -m app`` (gunicorn + uvicorn workers) on a free loopback port."""
-
-    process: subprocess.Popen[bytes]
-    base_url: str
-    log_path: Path
-    env: dict[str, str] = field(default_factory=dict)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def client(self, **kwargs: object) -> httpx.Client:
-        return httpx.Client(base_url=self.base_url, timeout=60, **kwargs)  # type: ignore[arg-type]
-
-    def worker_pids(self) -> list[int]:
-        out = subprocess.run(["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True)
-        return [int(pid) for pid in out.stdout.split()]
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
-
-
-def start_server(model_dir: Path, tmp_path: Path, *, workers: int = 2, ready_timeout: float = 120,
-                 **settings: str) -> ServerProcess:
-    """Start ``python -m app`` exactly as the container does and wait for /ready."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "RERANKER_MODEL_PATH": str(model_dir),
-        "RERANKER_HOST": "127.0.0.1",
-        "RERANKER_PORT": str(port),
-        "WEB_CONCURRENCY": str(workers),
-        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics"),
-        "RERANKER_TORCH_THREADS": "1",
-        **settings,
-    }
-    log_path = tmp_path / f"server-{port}.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "app"], cwd=REPO_ROOT, env=env, stdout=log,
-                                   stderr=subprocess.STDOUT)
-    server = ServerProcess(process, f"http://127.0.0.1:{port}", log_path, env)
-
-    def every_worker_ready() -> bool:
-        if httpx.get(f"{server.base_url}/ready", timeout=2).status_code != 200:
-            return False
-        # every worker must be ready, not just the one that answered
-        metrics = httpx.get(f"{server.base_url}/metrics", timeout=2).text
-        return f"reranker_ready_workers {float(workers)}" in metrics
-
-    return wait_until_ready(server, every_worker_ready, timeout=ready_timeout, name="server")
-
-
-def wait_until_ready(server: ServerProcess, is_ready: Callable[[], bool], *, timeout: float,
-                     name: str) -> ServerProcess:
-    """Poll ``is_ready`` until it holds; a server that exits or stays unready is killed, with its log raised."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise RuntimeError(f"{name} exited with {server.process.returncode}:\n{server.log()}")
-        try:
-            if is_ready():
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    server.stop(signal.SIGKILL)
-    raise RuntimeError(f"{name} not ready after {timeout}s:\n{server.log()}")
-
-
 @pytest.fixture(scope="module")
 def live_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """``python -m app`` with 2 workers on the tiny model, shared by a test module."""
     server = start_server(tiny_model_dir, tmp_path_factory.mktemp("server"), workers=2)
     yield server
     server.stop()
-
-
-def fake_model_dir(path: Path) -> Path:
-    """Files enough to pass the settings' model-directory check; the fake backend never reads them."""
-    path.mkdir(parents=True, exist_ok=True)
-    for name in ("config.json", "model.safetensors", "tokenizer.json"):
-        (path / name).write_text("{}")
-    return path
 
 
 @pytest.fixture

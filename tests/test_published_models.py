@@ -30,8 +30,8 @@ from app.engine.base import PairTemplate
 from app.engine.model_dir import ModelLoadError, inspect_model_dir, load_tokenizer, open_model_dir, verify_pairs
 from app.engine.torch_backend import TorchBackend
 from app.service import RerankService
-from tests.conftest import REPO_ROOT, start_server
 from tests.model_factory import FAMILIES, build_cross_encoder, make_words
+from tests.utils import REPO_ROOT, start_server
 
 PUBLISHED = [name for name in FAMILIES if name != "generic"]
 # What each family's directory must give (published facts, not what the loader happens to do).

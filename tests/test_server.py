@@ -18,8 +18,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import REPO_ROOT, ServerProcess, start_server
 from tests.model_factory import make_words
+from tests.utils import REPO_ROOT, ServerProcess, start_server
 
 pytestmark = pytest.mark.server
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from app.config import DType, LongDocuments, Settings, SettingsError, load_settings, model_dir_problem
-from tests.conftest import fake_model_dir
+from tests.utils import fake_model_dir
 
 
 @pytest.fixture
