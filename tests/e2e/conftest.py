@@ -1,9 +1,12 @@
 """Fixtures of the Docker end-to-end suite: a Docker engine, the image built by Compose, the running stack.
 
-The stack is the real one: ``compose.yaml`` + ``compose.cpu.yaml`` (no GPU needed) + the ``monitoring`` profile,
-under its own Compose project name, with a temporary env file that points at a tiny model built offline, free
-host ports, a local base image, the CPU torch wheel from ``docker/wheels/`` and the host's CA bundle as an extra
-CA certificate (``docker/certs/``). ``scripts/docker-setup.sh`` provides the engine and the local images.
+The stack is the real one, started the way the README says: ``.env`` copied from ``.env.example`` (plus this
+run's settings appended) in a working directory, then ``docker compose up -d --wait`` there. ``COMPOSE_FILE`` in
+that ``.env`` selects ``compose.yaml`` + ``compose.cpu.yaml`` (no GPU needed) and, for the bind-mounted model
+directory, ``compose.model-dir.yaml``; ``COMPOSE_PROJECT_NAME`` keeps each stack apart; ``COMPOSE_PROFILES``
+adds monitoring. The build uses a local base image, the CPU torch wheel from ``docker/wheels/`` and the host's CA
+bundle as an extra CA certificate (``docker/certs/``). ``scripts/docker-setup.sh`` provides the engine and the
+local images.
 
 Docker missing: the suite skips, unless ``RERANKER_REQUIRE_DOCKER=1`` (CI), where it fails.
 ``RERANKER_DOCKER_SETUP=0`` stops the suite from running ``scripts/docker-setup.sh`` itself (which may install
@@ -31,6 +34,8 @@ SERVICE = "bge-reranker"
 IMAGE_NAME = "bge-reranker-e2e"
 IMAGE_TAG = "test"
 IMAGE = f"{IMAGE_NAME}:{IMAGE_TAG}-cpu"  # compose.cpu.yaml appends "-cpu"
+COMPOSE_FILES = ("compose.yaml", "compose.cpu.yaml")
+MODEL_DIR_FILE = "compose.model-dir.yaml"
 RAGFLOW_NETWORK = "docker_ragflow"
 BASE_IMAGE = os.environ.get("RERANKER_TEST_BASE_IMAGE", "reranker-test-base:bookworm")
 PROMETHEUS_IMAGE = os.environ.get("RERANKER_TEST_PROMETHEUS_IMAGE", "reranker-test-prometheus:bookworm")
@@ -50,9 +55,22 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
             terminalreporter.write_line(f"{name:<28} {seconds:7.1f} s")
 
 
-def run(args: Sequence[str], *, timeout: float = 120, check: bool = False) -> subprocess.CompletedProcess[str]:
-    """Run a command from the repository root and capture its output; ``check`` fails the test with that output."""
-    result = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
+# Variables of this machine's shell that would change what Compose or the fetch does: the tests' .env decides.
+_SCRUBBED_PREFIXES = ("COMPOSE_", "MODEL_", "HF_", "MODELSCOPE_", "RERANKER_")
+
+
+def _clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith(_SCRUBBED_PREFIXES)}
+
+
+def run(
+    args: Sequence[str], *, timeout: float = 120, check: bool = False, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run a command (from the repository root unless ``cwd``) and capture its output; ``check`` fails the test
+    with that output."""
+    result = subprocess.run(
+        list(args), capture_output=True, text=True, timeout=timeout, cwd=cwd or REPO_ROOT, env=_clean_env()
+    )
     if check and result.returncode != 0:
         output = f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
         raise AssertionError(f"{' '.join(args)} exited {result.returncode}:\n{output}")
@@ -95,9 +113,37 @@ def docker_engine() -> None:
         _unavailable("the Compose v2 CLI (docker compose) is missing")
 
 
+def write_dotenv(workdir: Path, settings: dict[str, str]) -> Path:
+    """``cp .env.example .env`` in ``workdir``, then this run's settings appended (later lines win)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    dotenv = workdir / ".env"
+    example = (REPO_ROOT / ".env.example").read_text()
+    dotenv.write_text(example + "\n# --- this test run ---\n" + "".join(f"{k}={v}\n" for k, v in settings.items()))
+    return dotenv
+
+
+def compose_file_setting(*names: str) -> str:
+    """``COMPOSE_FILE`` for a .env outside the repository: absolute paths (the project directory stays the
+    repository's, so the build context and ./docker/... resolve as for a user)."""
+    return ":".join(str(REPO_ROOT / name) for name in names)
+
+
+def build_settings() -> dict[str, str]:
+    """The offline build recipe of docs/docker.md: local base image, torch wheel from docker/wheels, PyPI."""
+    return {
+        "RERANKER_IMAGE": IMAGE_NAME,
+        "RERANKER_TAG": IMAGE_TAG,
+        "BASE_IMAGE": BASE_IMAGE,
+        "CPU_BASE_IMAGE": BASE_IMAGE,
+        "CPU_TORCH_INDEX_URL": "https://pypi.org/simple",
+        "TORCH_VERSION": TORCH_VERSION,
+        "RAGFLOW_NETWORK": RAGFLOW_NETWORK,
+    }
+
+
 @dataclass
 class Stack:
-    """The running Compose project and how to reach it."""
+    """A Compose project run from its own working directory (whose .env selects files, project and profiles)."""
 
     project: str
     env_file: Path
@@ -109,13 +155,10 @@ class Stack:
     workdir: Path
 
     def compose_args(self, *args: str) -> list[str]:
-        cmd = ["docker", "compose", "-p", self.project, "--env-file", str(self.env_file)]
-        for file in self.files:
-            cmd += ["-f", file]
-        return [*cmd, "--profile", "monitoring", *args]
+        return ["docker", "compose", *args]
 
     def compose(self, *args: str, timeout: float = 120, check: bool = False) -> subprocess.CompletedProcess[str]:
-        return run(self.compose_args(*args), timeout=timeout, check=check)
+        return run(self.compose_args(*args), timeout=timeout, check=check, cwd=self.workdir)
 
     def container_id(self, service: str = SERVICE) -> str:
         return self.compose("ps", "--all", "-q", service, check=True).stdout.strip()
@@ -124,9 +167,21 @@ class Stack:
         out = run(["docker", "inspect", self.container_id(service)], check=True).stdout
         return json.loads(out)[0]  # type: ignore[no-any-return]
 
-    def logs(self) -> str:
-        result = self.compose("logs", "--no-color", "--tail", "200")
+    def logs(self, *services: str) -> str:
+        result = self.compose("logs", "--no-color", "--tail", "200", *services)
         return result.stdout + result.stderr
+
+    def service_logs(self, service: str) -> list[str]:
+        """The service's log lines without Compose's "<service>-1  | " prefix."""
+        result = self.compose("logs", "--no-color", "--no-log-prefix", service, check=True)
+        return [line for line in result.stdout.splitlines() if line.strip()]
+
+    def up(self, timeout: float = WAIT_TIMEOUT_S + 60) -> subprocess.CompletedProcess[str]:
+        """The README's start command, as written."""
+        return self.compose("up", "-d", "--wait", timeout=timeout)
+
+    def down(self) -> None:
+        self.compose("down", "--volumes", "--remove-orphans", "--timeout", "30", timeout=180)
 
 
 def _copy_host_ca_bundle() -> None:
@@ -167,80 +222,97 @@ def _wait_scrape_ready(url: str, timeout: float = 60) -> None:
     raise AssertionError(f"Prometheus at {url} not ready after {timeout}s")
 
 
-@pytest.fixture(scope="session")
-def stack(docker_engine: None) -> Iterator[Stack]:
-    """compose build + up --wait of the whole stack (CPU override, monitoring profile); always torn down."""
+def world_readable_model(target: Path) -> Path:
+    """A tiny model built offline, readable by the container's user (uid 10001) whatever the umask."""
     from tests.model_factory import build_cross_encoder
 
-    suite_started = time.monotonic()
-    workdir = Path(tempfile.mkdtemp(prefix="reranker-e2e-"))
-    model_dir = build_cross_encoder(workdir / "model", shape="tiny")
-    # The container's user (uid 10001) reads the bind mount: make it world-readable whatever the umask.
+    model_dir = build_cross_encoder(target, shape="tiny")
     model_dir.chmod(0o755)
     for path in model_dir.rglob("*"):
         path.chmod(0o755 if path.is_dir() else 0o644)
+    return model_dir
+
+
+@pytest.fixture(scope="session")
+def built_image(docker_engine: None) -> Iterator[str]:
+    """``docker compose build`` once per session (the CPU image); RAGFlow's network exists. Yields the image."""
+    suite_started = time.monotonic()
+    workdir = Path(tempfile.mkdtemp(prefix="reranker-e2e-build-"))
     _copy_host_ca_bundle()
     created_network = _ensure_network()
-
-    port, prometheus_port = free_port(), free_port()
-    env_file = workdir / "e2e.env"
-    env_file.write_text(
-        "\n".join(
-            [
-                f"MODEL_DIR={model_dir}",
-                f"RERANKER_IMAGE={IMAGE_NAME}",
-                f"RERANKER_TAG={IMAGE_TAG}",
-                "RERANKER_BIND=127.0.0.1",
-                f"RERANKER_HOST_PORT={port}",
-                f"RAGFLOW_NETWORK={RAGFLOW_NETWORK}",
-                "RERANKER_LOG_LEVEL=info",
-                f"RERANKER_START_PERIOD={WAIT_TIMEOUT_S}s",
-                # Build: the local base image, torch from docker/wheels (the "+cpu" local version matches only
-                # that wheel), everything else from PyPI through the host's CA bundle.
-                f"BASE_IMAGE={BASE_IMAGE}",
-                f"CPU_BASE_IMAGE={BASE_IMAGE}",
-                "CPU_TORCH_INDEX_URL=https://pypi.org/simple",
-                f"TORCH_VERSION={TORCH_VERSION}",
-                f"PROMETHEUS_IMAGE={PROMETHEUS_IMAGE}",
-                "PROMETHEUS_BIND=127.0.0.1",
-                f"PROMETHEUS_HOST_PORT={prometheus_port}",
-                "",
-            ]
-        )
-    )
-    result = Stack(
-        project=PROJECT,
-        env_file=env_file,
-        files=("compose.yaml", "compose.cpu.yaml"),
-        base_url=f"http://127.0.0.1:{port}",
-        prometheus_url=f"http://127.0.0.1:{prometheus_port}",
-        image=IMAGE,
-        model_dir=model_dir,
-        workdir=workdir,
+    write_dotenv(
+        workdir,
+        {"COMPOSE_FILE": compose_file_setting(*COMPOSE_FILES), "COMPOSE_PROJECT_NAME": PROJECT, **build_settings()},
     )
 
     def teardown() -> None:
-        result.compose("down", "--volumes", "--remove-orphans", "--timeout", "60", timeout=180)
         if created_network:
             run(["docker", "network", "rm", RAGFLOW_NETWORK])
         shutil.rmtree(workdir, ignore_errors=True)
         # The CPU torch wheel was put in docker/wheels for this build only; left there it would win over
         # PyPI's CUDA build in a later GPU image build from this checkout (setup re-links it in a second).
-        for wheel in (Path(__file__).resolve().parents[2] / "docker" / "wheels").glob("torch-*+cpu-*.whl"):
+        for wheel in (REPO_ROOT / "docker" / "wheels").glob("torch-*+cpu-*.whl"):
             wheel.unlink(missing_ok=True)
         TIMINGS["suite (total)"] = time.monotonic() - suite_started
+
+    try:
+        started = time.monotonic()
+        build = run(["docker", "compose", "build"], timeout=1800, cwd=workdir)
+        TIMINGS["compose build"] = time.monotonic() - started
+        if build.returncode != 0:
+            raise AssertionError(f"docker compose build failed:\n{(build.stdout + build.stderr)[-6000:]}")
+    except BaseException:
+        teardown()
+        raise
+    yield IMAGE
+    teardown()
+
+
+@pytest.fixture(scope="session")
+def stack(built_image: str) -> Iterator[Stack]:
+    """The README's start command on the bind-mount path (MODEL_DIR + compose.model-dir.yaml), with the CPU
+    override and the monitoring profile; always torn down."""
+    workdir = Path(tempfile.mkdtemp(prefix="reranker-e2e-"))
+    model_dir = world_readable_model(workdir / "model")
+    port, prometheus_port = free_port(), free_port()
+    files = (*COMPOSE_FILES, MODEL_DIR_FILE)
+    env_file = write_dotenv(
+        workdir,
+        {
+            "COMPOSE_FILE": compose_file_setting(*files),
+            "COMPOSE_PROJECT_NAME": PROJECT,
+            "COMPOSE_PROFILES": "monitoring",
+            "MODEL_DIR": str(model_dir),
+            "RERANKER_BIND": "127.0.0.1",
+            "RERANKER_HOST_PORT": str(port),
+            "RERANKER_LOG_LEVEL": "info",
+            "RERANKER_START_PERIOD": f"{WAIT_TIMEOUT_S}s",
+            "PROMETHEUS_IMAGE": PROMETHEUS_IMAGE,
+            "PROMETHEUS_BIND": "127.0.0.1",
+            "PROMETHEUS_HOST_PORT": str(prometheus_port),
+            **build_settings(),
+        },
+    )
+    result = Stack(
+        project=PROJECT,
+        env_file=env_file,
+        files=files,
+        base_url=f"http://127.0.0.1:{port}",
+        prometheus_url=f"http://127.0.0.1:{prometheus_port}",
+        image=built_image,
+        model_dir=model_dir,
+        workdir=workdir,
+    )
+
+    def teardown() -> None:
+        result.down()
+        shutil.rmtree(workdir, ignore_errors=True)
 
     try:
         # A run that crashed earlier may have left its containers behind.
         result.compose("down", "--volumes", "--remove-orphans", "--timeout", "10", timeout=180)
         started = time.monotonic()
-        build = result.compose("build", timeout=1800)
-        TIMINGS["compose build"] = time.monotonic() - started
-        (workdir / "build.log").write_text(build.stdout + build.stderr)
-        if build.returncode != 0:
-            raise AssertionError(f"docker compose build failed:\n{(build.stdout + build.stderr)[-6000:]}")
-        started = time.monotonic()
-        up = result.compose("up", "-d", "--wait", "--wait-timeout", str(WAIT_TIMEOUT_S), timeout=WAIT_TIMEOUT_S + 60)
+        up = result.up()
         TIMINGS["compose up --wait (healthy)"] = time.monotonic() - started
         if up.returncode != 0:
             raise AssertionError(f"docker compose up --wait failed:\n{up.stdout}\n{up.stderr}\n{result.logs()}")

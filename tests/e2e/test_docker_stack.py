@@ -1,7 +1,8 @@
 """End-to-end tests of the container image and the Compose stack, against a real Docker engine.
 
-One stack per session (see conftest.py): built by ``docker compose build``, started by ``up -d --wait`` with the
-CPU override and the monitoring profile. The tests talk to it the way its users do: RAGFlow's request shapes on
+One stack per session (see conftest.py): built by ``docker compose build``, started by the README's
+``docker compose up -d --wait`` from a ``.env`` copied from ``.env.example`` (CPU override, a bind-mounted model
+directory, the monitoring profile). The tests talk to it the way its users do: RAGFlow's request shapes on
 the published port, another container on RAGFlow's network by service name, Prometheus through its HTTP API.
 The last test takes the stack down and checks that nothing is left.
 
@@ -22,6 +23,8 @@ import httpx
 import pytest
 
 from tests.e2e.conftest import (
+    COMPOSE_FILES,
+    MODEL_DIR_FILE,
     PROJECT,
     RAGFLOW_NETWORK,
     REPO_ROOT,
@@ -93,13 +96,34 @@ def test_image_is_non_root_offline_and_has_no_weights(stack: Stack) -> None:
 
 
 def test_compose_configuration(stack: Stack) -> None:
-    """The hardening and wiring compose.yaml promises, as Compose resolves it (GPU file alone, then CPU override)."""
+    """The hardening and wiring compose.yaml promises, as Compose resolves it (GPU file alone, then CPU override
+    with the bind-mounted model directory)."""
     gpu_only = ["docker", "compose", "--env-file", str(stack.env_file), "-f", "compose.yaml"]
     gpu = json.loads(run([*gpu_only, "config", "--format", "json"], check=True).stdout)
     service = gpu["services"][SERVICE]
     devices = service["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and devices[0]["capabilities"] == ["gpu"]
     assert service["image"].endswith(":test")
+    # Default path: the model comes from the one-shot fetch, through the "models" volume, read-only here.
+    assert service["depends_on"]["model-fetch"]["condition"] == "service_completed_successfully"
+    (volume,) = service["volumes"]
+    assert (volume["type"], volume["source"], volume["target"], volume["read_only"]) == (
+        "volume",
+        "models",
+        "/models",
+        True,
+    )
+    assert service["environment"]["RERANKER_MODEL_PATH"] == "/models/current"
+    assert service["environment"]["HF_HUB_OFFLINE"] == "1"
+    fetch = gpu["services"]["model-fetch"]
+    assert fetch["image"] == service["image"] and fetch["pull_policy"] == "never" and fetch["restart"] == "no"
+    (volume,) = fetch["volumes"]
+    assert (volume["source"], volume["target"]) == ("models", "/models") and not volume.get("read_only")
+    assert fetch["environment"]["HF_HUB_OFFLINE"] == "0"
+    assert fetch["environment"]["MODEL_ID"] == "BAAI/bge-reranker-base"
+    assert "deploy" not in fetch  # no GPU for the fetch
+    assert fetch["read_only"] is True and fetch["cap_drop"] == ["ALL"]
+
     cpu = json.loads(stack.compose("config", "--format", "json", check=True).stdout)
     service = cpu["services"][SERVICE]
     assert "deploy" not in service or not service["deploy"].get("resources")
@@ -113,12 +137,18 @@ def test_compose_configuration(stack: Stack) -> None:
     assert any(mount.startswith("/tmp:") for mount in service["tmpfs"])
     assert service["logging"]["driver"] == "json-file" and "max-size" in service["logging"]["options"]
     (volume,) = service["volumes"]
-    assert volume["target"] == "/model" and volume["read_only"] is True
+    assert volume["type"] == "bind" and volume["target"] == "/model" and volume["read_only"] is True
     (port,) = service["ports"]
     assert port["host_ip"] == "127.0.0.1" and port["target"] == 9300
     assert cpu["networks"]["ragflow"]["name"] == RAGFLOW_NETWORK
     assert cpu["networks"]["ragflow"]["external"] is True
     assert not SERVICE.startswith("rerank")  # see RERANK_WIRE.md: RAGFlow looks for "/rerank" in the base URL
+    # MODEL_DIR: nothing is fetched; the one-shot service only checks the directory, with no network at all.
+    fetch = cpu["services"]["model-fetch"]
+    assert fetch["command"] == ["python", "-m", "app", "--check"]
+    assert fetch["network_mode"] == "none"
+    assert fetch["volumes"] == service["volumes"]
+    assert fetch["image"] == service["image"] == stack.image
 
 
 def test_missing_model_dir_is_refused_by_compose(stack: Stack) -> None:
@@ -126,7 +156,8 @@ def test_missing_model_dir_is_refused_by_compose(stack: Stack) -> None:
     lines = [line for line in stack.env_file.read_text().splitlines() if not line.startswith("MODEL_DIR=")]
     unset = stack.workdir / "no-model.env"
     unset.write_text("\n".join(lines) + "\n")
-    result = run(["docker", "compose", "--env-file", str(unset), "-f", "compose.yaml", "config"])
+    files = ["-f", "compose.yaml", "-f", MODEL_DIR_FILE]
+    result = run(["docker", "compose", "--env-file", str(unset), *files, "config"])
     assert result.returncode != 0
     assert "MODEL_DIR" in result.stderr
 
@@ -134,7 +165,8 @@ def test_missing_model_dir_is_refused_by_compose(stack: Stack) -> None:
     missing = stack.workdir / "missing-model.env"
     missing.write_text("\n".join([*lines, f"MODEL_DIR={missing_dir}"]) + "\n")
     project = ["docker", "compose", "-p", f"{stack.project}-missing", "--env-file", str(missing)]
-    project += ["-f", "compose.yaml", "-f", "compose.cpu.yaml"]
+    for name in (*COMPOSE_FILES, MODEL_DIR_FILE):
+        project += ["-f", name]
     try:
         result = run([*project, "up", "-d", "--no-build", SERVICE], timeout=120)
         assert result.returncode != 0
