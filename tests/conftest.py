@@ -18,6 +18,55 @@ from tests.utils import REPO_ROOT, ServerProcess, fake_model_dir, free_port, sta
 
 __all__ = ["REPO_ROOT", "ServerProcess", "fake_model_dir", "free_port", "start_server", "wait_until_ready"]
 
+# Test tiers (pyproject.toml's markers; `pytest -m unit` runs one). A module's own marks win; the rest come
+# from where the module is and what it runs: unit = the fake engine or pure code (seconds), integration = the
+# real loader and a model built offline, in-process.
+TIERS = ("unit", "integration", "server", "reliability", "docker", "gpu")
+UNIT_MODULES = {"test_api.py", "test_batcher.py", "test_settings.py", "test_cuda_graph_buckets.py"}
+_tier_seconds: dict[str, float] = {}
+
+
+def tier_of(item: pytest.Item) -> str:
+    for tier in ("docker", "gpu", "reliability", "server"):
+        if item.get_closest_marker(tier):
+            return tier
+    parts = item.path.parts
+    if "e2e" in parts:
+        return "docker"
+    if "reliability" in parts:
+        return "reliability"
+    return "unit" if item.path.name in UNIT_MODULES else "integration"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        tier = tier_of(item)
+        if not item.get_closest_marker(tier):
+            item.add_marker(tier)
+        item.stash[_TIER] = tier
+
+
+_TIER = pytest.StashKey[str]()
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    tier = report.user_properties and dict(report.user_properties).get("tier")
+    if tier:
+        _tier_seconds[str(tier)] = _tier_seconds.get(str(tier), 0.0) + report.duration
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    report.user_properties.append(("tier", item.stash.get(_TIER, "integration")))
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _tier_seconds:
+        spent = ", ".join(f"{tier} {_tier_seconds[tier]:.0f}s" for tier in TIERS if tier in _tier_seconds)
+        terminalreporter.write_line(f"time per tier (setup, call and teardown): {spent}")
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
