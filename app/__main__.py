@@ -16,6 +16,7 @@ minutes, each time printing the same line.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -116,6 +117,8 @@ def main(argv: list[str] | None = None) -> None:
         )
         return
     print(f"reranker: {summary}", flush=True)
+    # What this start runs with, once (the master; the workers inherit it), the API key redacted.
+    print(f"reranker: settings {json.dumps(settings.effective(), sort_keys=True)}", flush=True)
     if check_only:
         return
     if not GUNICORN_CONFIG.is_file():

@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -135,7 +135,9 @@ class Settings(BaseSettings):
             "processes, workers hold only the tokenizer."
         ),
     )
-    api_key: str | None = Field(None, description="When set, every route but health, ready and metrics needs it.")
+    api_key: SecretStr | None = Field(
+        None, description="When set, every route but health, ready and metrics needs it (logged as **********)."
+    )
     metrics_need_key: bool = Field(False, description="Also guard /metrics with the API key.")
     worker_timeout: int = Field(
         300, ge=10, description="Seconds gunicorn waits for a silent worker: must cover model load + warm-up."
@@ -197,8 +199,13 @@ class Settings(BaseSettings):
 
     @field_validator("api_key")
     @classmethod
-    def _empty_key_is_no_key(cls, key: str | None) -> str | None:
-        return key or None
+    def _empty_key_is_no_key(cls, key: SecretStr | None) -> SecretStr | None:
+        return key if key is not None and key.get_secret_value() else None
+
+    def effective(self) -> dict[str, str]:
+        """Every setting under the variable that sets it, as the service will use it; secrets redacted."""
+        values = self.model_dump(mode="json")  # SecretStr dumps as "**********"
+        return {_env_name(name): str(values[name]) for name in type(self).model_fields}
 
     @model_validator(mode="after")
     def _batch_fits_one_pair(self) -> Settings:

@@ -81,3 +81,13 @@ def test_model_directory_problems_are_specific(tmp_path: Path) -> None:
 def test_settings_can_be_built_in_code(model_dir: Path) -> None:
     settings = Settings(model_path=model_dir, workers=2, max_documents=10)
     assert settings.workers == 2 and settings.max_documents == 10
+
+
+def test_effective_settings_name_every_variable_and_redact_the_key(tmp_path: Path) -> None:
+    settings = Settings(model_path=fake_model_dir(tmp_path / "m"), api_key="s3cret-key", workers=3)  # type: ignore[arg-type]
+    effective = settings.effective()
+    assert effective["RERANKER_API_KEY"] == "**********"
+    assert "s3cret-key" not in str(effective)
+    assert settings.api_key is not None and settings.api_key.get_secret_value() == "s3cret-key"
+    assert effective["WEB_CONCURRENCY"] == "3" and effective["PROMETHEUS_MULTIPROC_DIR"]
+    assert len(effective) == len(Settings.model_fields)

@@ -38,7 +38,7 @@ def require_api_key(request: Request, settings: SettingsDep) -> None:
     if scheme.lower() != "bearer" or not token:
         raise AuthenticationError("missing API key: send Authorization: Bearer <key>", param="authorization")
     # Constant-time comparison, so response timing does not reveal how much of a guess was right.
-    if not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
+    if not hmac.compare_digest(token.strip().encode(), settings.api_key.get_secret_value().encode()):
         raise AuthenticationError("invalid API key", param="authorization")
 
 
