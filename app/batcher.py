@@ -28,9 +28,20 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
+class _Request:
+    """One caller's pairs: one future for all of them (not one per pair: at GPU rates, thousands of pairs a
+    second, per-pair futures cost the event loop, and so the forward thread's GIL, measurable time)."""
+
+    future: asyncio.Future[list[float]]
+    scores: list[float]
+    remaining: int
+
+
+@dataclass(slots=True)
 class _Waiting:
     pair: EncodedPair
-    future: asyncio.Future[float]
+    request: _Request
+    position: int  # in the request
     deferred: bool = False  # held back once to fill a later batch; never again
 
 
@@ -116,8 +127,8 @@ class DynamicBatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._consumer
         for item in self._waiting:
-            if not item.future.done():
-                item.future.set_exception(NotReadyError("the worker is shutting down"))
+            if not item.request.future.done():
+                item.request.future.set_exception(NotReadyError("the worker is shutting down"))
         self._waiting.clear()
         self._handover.put(None)  # the forward thread ends after the batch it is running, if any
 
@@ -139,14 +150,13 @@ class DynamicBatcher:
             raise OverloadedError(
                 f"this worker has {self._pending_pairs} pairs queued (limit {self.max_queue_pairs}); retry shortly"
             )
-        loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future[float]] = [loop.create_future() for _ in pairs]
-        self._waiting.extend(_Waiting(pair, future) for pair, future in zip(pairs, futures, strict=True))
+        request = _Request(asyncio.get_running_loop().create_future(), [0.0] * len(pairs), len(pairs))
+        self._waiting.extend(_Waiting(pair, request, position) for position, pair in enumerate(pairs))
         self._pending_pairs += len(pairs)
         metrics.QUEUE_DEPTH.inc(len(pairs))
         self._wakeup.set()
-        # gather() cancels every future when the caller is cancelled; the forward thread then skips them.
-        return list(await asyncio.gather(*futures))
+        # Cancelling the caller cancels the request's future; the forward thread then skips its pairs.
+        return await request.future
 
     async def _run(self) -> None:
         while True:
@@ -196,7 +206,7 @@ class DynamicBatcher:
         while (batch := handover.get()) is not None:
             # Reading done() from this thread is a benign race: a pair cancelled just after is computed anyway,
             # as it would be had it been cancelled a moment later; its answer is simply not delivered.
-            batch.live = [item for item in batch.items if not item.future.done()]
+            batch.live = [item for item in batch.items if not item.request.future.done()]
             if batch.live:
                 started = time.perf_counter()
                 try:
@@ -229,8 +239,8 @@ class DynamicBatcher:
             logger.error("forward pass of %d pairs failed", len(live), exc_info=batch.error)
             self.last_failure = f"{type(batch.error).__name__}: {batch.error}"
             for item in live:
-                if not item.future.done():
-                    item.future.set_exception(EngineFailure("the model failed while scoring this request"))
+                if not item.request.future.done():
+                    item.request.future.set_exception(EngineFailure("the model failed while scoring this request"))
             self._settle(len(live))
             return
         scores = batch.scores or []
@@ -242,8 +252,13 @@ class DynamicBatcher:
         metrics.TOKENS_SCORED.inc(sum(len(item.pair) for item in live))
         self.last_failure = None
         for item, score in zip(live, scores, strict=True):
-            if not item.future.done():
-                item.future.set_result(score)
+            request = item.request
+            if request.future.done():
+                continue  # cancelled meanwhile (or failed with another batch)
+            request.scores[item.position] = score
+            request.remaining -= 1
+            if not request.remaining:
+                request.future.set_result(request.scores)
         self._settle(len(live))
 
     def _forward_guarded(self, pairs: list[EncodedPair]) -> list[float]:

@@ -59,6 +59,7 @@ WORKLOADS = {
         Workload("target", "16 documents of ~100 words (the target setting)", 16, 95, 105),
         Workload("mixed16", "16 documents of 50-450 tokens", 16, 50, 450),
         Workload("mixed64", "64 documents of 50-450 tokens", 64, 50, 450),
+        Workload("gpu64", "64 documents of ~256 tokens (the GPU goal's setting)", 64, 235, 250),
         Workload("long", "16 documents of ~1500 tokens, truncated to 512", 16, 1450, 1550),
         Workload("long-chunk", "the same 16 documents, max_chunks_per_doc=4, overlap_tokens=80", 16, 1450, 1550,
                  options={"max_chunks_per_doc": 4, "overlap_tokens": 80}, baseline=False),

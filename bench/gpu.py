@@ -1,0 +1,281 @@
+"""The GPU benchmark in one command, for a GPU host without network access (under 8 minutes on one H200).
+
+    python -m bench.gpu --out "$OUT"
+
+1. Installs what such a host lacks (the web stack: fastapi, uvicorn, gunicorn, pydantic...) from wheels
+   prepared beforehand on a machine with network (``python -m bench.gpu --prepare-wheels``, into ``.whl/``,
+   ignored by git), with ``pip install --no-index --no-deps --target``; then runs itself again with them on
+   ``PYTHONPATH``, so every server it starts sees them too. Nothing is fetched.
+2. The engine alone, in-process (``bench/engine_alone.py``): ``TorchBackend.forward`` on 64 and 256 pairs of
+   256 tokens, and the matmul peak.
+3. The service (``bench/run.py``: ``python -m app``, the engine-process design on a GPU) with 1 HTTP worker
+   beside the seed baseline (``bench/baseline_server.py``), then with several workers; the ``target`` setting
+   and ``gpu64`` (64 documents of ~256 tokens), at 1/4/16/64 clients.
+4. The GPU test tier, ``pytest -m gpu``.
+
+Writes ``gpu-bench.json`` (everything, including each step's full JSON and logs' tails) and ``gpu-bench.txt``
+(the figures against the goals) to ``--out``. Each step has a time budget; a step that would not fit is skipped
+and says so. Works on a CPU too (``--device cpu`` with small settings), which is how it is tested.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib.util
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+# Import name -> distribution: what a GPU host with torch, transformers, httpx and pytest may lack.
+NEEDED = {
+    "fastapi": "fastapi",
+    "starlette": "starlette",
+    "pydantic": "pydantic",
+    "pydantic_core": "pydantic-core",
+    "pydantic_settings": "pydantic-settings",
+    "dotenv": "python-dotenv",
+    "annotated_types": "annotated-types",
+    "annotated_doc": "annotated-doc",
+    "typing_inspection": "typing-inspection",
+    "uvicorn": "uvicorn",
+    "uvicorn_worker": "uvicorn-worker",
+    "gunicorn": "gunicorn",
+    "httptools": "httptools",
+    "opentelemetry": "opentelemetry-api",
+    "pytest_asyncio": "pytest-asyncio",
+}
+INSTALLED_MARK = "RERANKER_BENCH_GPU_INSTALLED"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench/results/gpu")),
+                        help="where gpu-bench.json and gpu-bench.txt go")
+    parser.add_argument("--wheels", type=Path, default=REPO / ".whl", help="prepared wheels (--prepare-wheels)")
+    parser.add_argument("--site", type=Path, default=Path("/tmp/site"), help="where the wheels are installed")
+    parser.add_argument("--prepare-wheels", action="store_true",
+                        help="on a machine with network: download the wheels a GPU host lacks into --wheels, at "
+                             "this environment's versions, for --python-version, and exit")
+    parser.add_argument("--python-version", default="3.12", help="the GPU host's Python (for --prepare-wheels)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--workloads", default="target,gpu64")
+    parser.add_argument("--clients", default="1,4,16,64")
+    parser.add_argument("--workers", default="1,4", help="HTTP worker counts; the first also runs the baseline")
+    parser.add_argument("--duration", type=float, default=4.0, help="seconds per cell")
+    parser.add_argument("--max-requests", type=int, default=300, help="requests per cell at most")
+    parser.add_argument("--engine-pairs", default="64,256", help="batch sizes for the engine alone")
+    parser.add_argument("--engine-tokens", type=int, default=256, help="tokens per pair for the engine alone")
+    parser.add_argument("--service-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="extra environment for the service (repeatable)")
+    parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/reranker-bench"))
+    parser.add_argument("--budget", type=float, default=450.0,
+                        help="seconds for everything; a step that would start past it is skipped")
+    parser.add_argument("--test-timeout", type=float, default=120.0, help="seconds for pytest -m gpu")
+    parser.add_argument("--no-tests", action="store_true", help="skip pytest -m gpu")
+    return parser.parse_args(argv)
+
+
+# --------------------------------------------------------------------------------------------- the wheels
+
+
+def prepare_wheels(args: argparse.Namespace) -> int:
+    from importlib.metadata import version
+
+    args.wheels.mkdir(parents=True, exist_ok=True)
+    for distribution in NEEDED.values():
+        pinned = f"{distribution}=={version(distribution)}"
+        command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+                   "--python-version", args.python_version, "--platform", "manylinux2014_x86_64",
+                   "--platform", "manylinux_2_28_x86_64", "-d", str(args.wheels), pinned]
+        print("+", shlex.join(command), flush=True)
+        subprocess.run(command, check=True)
+    print(f"{len(list(args.wheels.glob('*.whl')))} wheels in {args.wheels}")
+    return 0
+
+
+def missing_modules() -> list[str]:
+    return [name for name in NEEDED if importlib.util.find_spec(name) is None]
+
+
+def install_and_rerun(args: argparse.Namespace, argv: list[str]) -> None:
+    """Install the prepared wheels where modules are missing, then run this command again with them visible."""
+    missing = missing_modules()
+    if not missing:
+        return
+    if os.environ.get(INSTALLED_MARK):
+        sys.exit(f"still missing after installing the wheels: {missing}; prepare them with --prepare-wheels")
+    wheels = sorted(glob.glob(str(args.wheels / "*.whl")))
+    if not wheels:
+        sys.exit(f"missing {missing} and no wheels in {args.wheels}: run 'python -m bench.gpu --prepare-wheels' on "
+                 "a machine with network and carry the folder along")
+    print(f"installing {len(wheels)} wheels for {missing} into {args.site}", flush=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--target",
+                    str(args.site), *wheels], check=True)
+    env = {**os.environ, INSTALLED_MARK: "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(args.site), str(REPO), os.environ.get("PYTHONPATH")) if p)}
+    os.execve(sys.executable, [sys.executable, "-m", "bench.gpu", *argv], env)
+
+
+# ------------------------------------------------------------------------------------------------- steps
+
+
+class Steps:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.started = time.monotonic()
+        self.record: dict[str, Any] = {"steps": {}}
+
+    def left(self) -> float:
+        return self.args.budget - (time.monotonic() - self.started)
+
+    def run(self, name: str, command: list[str], *, needs_s: float, timeout_s: float) -> bool:
+        """Run one step as a subprocess, its output to ``<out>/<name>.log``; skip it if the budget is spent."""
+        log_path = self.args.out / f"{name}.log"
+        if self.left() < needs_s:
+            self.record["steps"][name] = {"skipped": f"out of time ({self.left():.0f}s left, needs ~{needs_s:.0f}s)"}
+            print(f"== {name}: skipped, out of time", flush=True)
+            return False
+        print(f"== {name}: {shlex.join(command)}", flush=True)
+        began = time.monotonic()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with log_path.open("wb") as log:
+            try:
+                code = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                      timeout=max(10.0, min(timeout_s, self.left()))).returncode
+            except subprocess.TimeoutExpired:
+                code = -1
+        text = log_path.read_text(errors="replace")
+        self.record["steps"][name] = {"command": shlex.join(command), "exit": code,
+                                      "seconds": round(time.monotonic() - began, 1), "log_tail": text[-4000:]}
+        print(f"== {name}: exit {code} in {time.monotonic() - began:.0f}s", flush=True)
+        return code == 0
+
+
+def summarise(record: dict[str, Any]) -> list[str]:
+    """The figures against the issue's goals, as lines of text."""
+    lines: list[str] = []
+    engine = record.get("engine_alone") or {}
+    batches = {b["pairs"]: b for b in engine.get("batches", [])}
+    engine64 = batches.get(64)
+    if engine64:
+        lines.append(f"engine alone ({engine['describe'].get('device')}, {engine['describe'].get('dtype')}): "
+                     + "; ".join(f"{b['pairs']} pairs x {b['longest']} tokens: {b['pairs_per_s']:.0f} pairs/s, "
+                                 f"{b['ms_per_batch']:.2f} ms/batch, {100 * b['peak_fraction']:.0f}% of the "
+                                 f"{engine['matmul_peak_flops'] / 1e12:.0f} TFLOP/s matmul peak"
+                                 for b in batches.values()))
+    for key, run in sorted(record.get("service", {}).items()):
+        cells = run.get("cells", [])
+        lines.append(f"\n{key}: pairs/s (p50 ms, % of matmul peak, x baseline)")
+        for workload in dict.fromkeys(c["workload"] for c in cells):
+            for server in ("service", "baseline"):
+                mine = sorted((c for c in cells if c["workload"] == workload and c["server"] == server),
+                              key=lambda c: c["clients"])
+                if not mine:
+                    continue
+                row = ", ".join(
+                    f"{c['clients']}: {c['pairs_per_s']:.0f} ({c['p50_ms']:.0f} ms, {100 * c['peak_fraction']:.0f}%"
+                    + (f", {c['ratio_to_baseline']:.2f}x" if c.get("ratio_to_baseline") else "")
+                    + (f", {c['errors']} errors" if c["errors"] else "") + ")"
+                    for c in mine)
+                lines.append(f"  {workload:<7} {server:<8} {row}")
+        by = {(c["workload"], c["clients"]): c for c in cells if c["server"] == "service"}
+        goals = []
+        if engine64:
+            for clients in (16, 64):
+                cell = by.get(("gpu64", clients))
+                if cell:
+                    share = cell["pairs_per_s"] / engine64["pairs_per_s"]
+                    goals.append(f"gpu64 at {clients} clients: {share:.0%} of the engine alone (want >= 85%): "
+                                 f"{'met' if share >= 0.85 else 'NOT met'}; {100 * cell['peak_fraction']:.0f}% of "
+                                 f"peak (want >= 40%): {'met' if cell['peak_fraction'] >= 0.40 else 'NOT met'}")
+            one = by.get(("gpu64", 1))
+            if one:
+                goals.append(f"gpu64 p50 at 1 client {one['p50_ms']:.1f} ms vs the engine's batch "
+                             f"{engine64['ms_per_batch']:.1f} ms (want within a few ms)")
+        low, high = by.get(("gpu64", 4)), by.get(("gpu64", 64))
+        if low and high:
+            held = high["pairs_per_s"] >= 0.95 * low["pairs_per_s"]
+            goals.append(f"gpu64 4 -> 64 clients: {low['pairs_per_s']:.0f} -> {high['pairs_per_s']:.0f} pairs/s "
+                         f"(no drop; 5% noise allowed): {'met' if held else 'NOT met'}")
+        target16 = by.get(("target", 16))
+        if target16 and target16.get("ratio_to_baseline"):
+            ratio = target16["ratio_to_baseline"]
+            goals.append(f"target at 16 clients: {ratio:.2f}x the baseline (want >= 5x): "
+                         f"{'met' if ratio >= 5 else 'NOT met'}")
+        lines.extend(f"  goal: {goal}" for goal in goals)
+    tests = record["steps"].get("gpu-tests")
+    if tests:
+        tail = tests.get("log_tail", "").strip().splitlines()
+        outcome = tests.get("skipped") or f"exit {tests.get('exit')}"
+        lines.append(f"\npytest -m gpu: {outcome}" + (f"; {tail[-1]}" if tail else ""))
+    lines.append("\nsteps: " + ", ".join(
+        f"{name} {step.get('seconds', '-')}s" + (" SKIPPED" if "skipped" in step else "")
+        for name, step in record["steps"].items()))
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.prepare_wheels:
+        return prepare_wheels(args)
+    install_and_rerun(args, argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    steps = Steps(args)
+    python = sys.executable
+
+    # The benchmark model (bge-reranker-base's shape, random weights), built once into the cache.
+    steps.run("model", [python, "-c", f"from bench.model import ensure_model; from pathlib import Path; "
+                                      f"print(ensure_model(Path({str(args.cache_dir)!r})))"],
+              needs_s=30, timeout_s=300)
+    model_dir = args.cache_dir / "bge-reranker-base"
+
+    engine_json = args.out / "engine-alone.json"
+    if steps.run("engine-alone", [python, "-m", "bench.engine_alone", "--model-dir", str(model_dir), "--device",
+                                  args.device, "--pairs", args.engine_pairs, "--tokens", str(args.engine_tokens),
+                                  "--json", str(engine_json)], needs_s=40, timeout_s=180):
+        steps.record["engine_alone"] = json.loads(engine_json.read_text())
+
+    steps.record["service"] = {}
+    clients = args.clients
+    for position, workers in enumerate(int(w) for w in args.workers.split(",")):
+        run_json = args.out / f"service-{workers}w.json"
+        command = [python, "-m", "bench.run", "--device", args.device, "--workloads", args.workloads,
+                   "--clients", clients, "--duration", str(args.duration), "--max-requests", str(args.max_requests),
+                   "--workers", str(workers), "--no-memory", "--cache-dir", str(args.cache_dir),
+                   "--json", str(run_json), "--plot", str(args.out / f"service-{workers}w.png")]
+        if position:
+            command.append("--no-baseline")  # the baseline does not depend on our worker count
+            clients = ",".join(c for c in args.clients.split(",") if c != "1") or args.clients
+        for item in args.service_env:
+            command += ["--service-env", item]
+        steps.run(f"service-{workers}w", command, needs_s=90, timeout_s=330)
+        if run_json.is_file():
+            steps.record["service"][f"service, {workers} HTTP worker(s)"] = json.loads(run_json.read_text())
+
+    if not args.no_tests:
+        steps.run("gpu-tests", [python, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider"],
+                  needs_s=30, timeout_s=args.test_timeout)
+
+    steps.record["total_seconds"] = round(time.monotonic() - steps.started, 1)
+    summary = summarise(steps.record)
+    (args.out / "gpu-bench.json").write_text(json.dumps(steps.record, indent=2))
+    (args.out / "gpu-bench.txt").write_text("\n".join(summary) + "\n")
+    print("\n".join(summary))
+    print(f"\n{args.out / 'gpu-bench.json'}, {args.out / 'gpu-bench.txt'} ({steps.record['total_seconds']}s)")
+    # pytest's 5 is "no test ran" (no GPU tests selected): reported above, not a failure of the benchmark.
+    failed = [name for name, step in steps.record["steps"].items()
+              if step.get("exit") not in (0, None) and not (name == "gpu-tests" and step.get("exit") == 5)]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

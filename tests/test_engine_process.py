@@ -1,0 +1,141 @@
+"""The engine process on its own: the wire format, the supervisor's plan, and a real engine subprocess (on the
+simulated device) driven through the worker's ``EngineClient`` — answers, cancellation, start-up failures."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from app.config import Settings
+from app.engine.base import EncodedPair
+from app.engine.client import EngineClient, EngineStartError
+from app.engine.process import failure_marker
+from app.engine.simulated import SimulatedDevice
+from app.engine.supervisor import ENGINE_SOCKETS_ENV, EngineSpec, plan_engines, visible_gpus
+from app.engine.wire import decode_pairs, decode_scores, encode_pairs, encode_scores
+from app.errors import OverloadedError, PayloadTooLargeError
+from tests.conftest import REPO_ROOT
+
+
+class TestWire:
+    def test_pairs_survive_the_trip_as_numpy_views(self) -> None:
+        pairs = [EncodedPair([0, 5, 6, 2], [0, 0, 1, 1]), EncodedPair([0, 70_000, 2], [0, 0, 0]),
+                 EncodedPair([0] * 300, [1] * 300)]
+        body = encode_pairs(pairs)
+        assert len(body) == 4 * 3 + 5 * (4 + 3 + 300)  # int32 lengths, int32 ids, int8 types
+        back = decode_pairs(body, 3)
+        assert [list(p.input_ids) for p in back] == [p.input_ids for p in pairs]
+        assert [list(p.type_ids) for p in back] == [p.type_ids for p in pairs]
+        assert [len(p) for p in back] == [4, 3, 300]
+
+    def test_a_frame_of_the_wrong_size_is_refused(self) -> None:
+        body = encode_pairs([EncodedPair([1, 2, 3], [0, 0, 0])])
+        with pytest.raises(ValueError, match="does not hold"):
+            decode_pairs(body + b"\0", 1)
+
+    def test_scores_are_exact_float64(self) -> None:
+        scores = [0.1, -3.25, 1e-7, 12345.678]
+        assert decode_scores(encode_scores(scores), 4) == scores
+
+
+class TestPlan:
+    def settings(self, tmp_path: Path, **overrides: object) -> Settings:
+        from tests.conftest import fake_model_dir
+
+        return Settings(model_path=fake_model_dir(tmp_path / "model"), engine_socket_dir=tmp_path / "s",
+                        **overrides)  # type: ignore[arg-type]
+
+    def test_cpu_defaults_to_inline_and_process_can_be_forced(self, tmp_path: Path) -> None:
+        assert visible_gpus() == []  # this machine: no NVIDIA devices, and torch is never started to ask
+        assert plan_engines(self.settings(tmp_path)) == []
+        assert plan_engines(self.settings(tmp_path, device="cpu")) == []
+        assert plan_engines(self.settings(tmp_path, engine="process", device="cpu")) == [
+            EngineSpec(0, tmp_path / "s" / "engine-0.sock")
+        ]
+        assert plan_engines(self.settings(tmp_path, engine="inline", backend="simulated")) == []
+        assert len(plan_engines(self.settings(tmp_path, backend="simulated"))) == 1
+
+    def test_one_engine_per_visible_gpu(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        # No GPU here: what the probe would find on a host with CUDA_VISIBLE_DEVICES=2,5 is supplied.
+        monkeypatch.setattr("app.engine.supervisor.visible_gpus", lambda: ["2", "5"])
+        specs = plan_engines(self.settings(tmp_path))
+        assert [(s.index, s.socket_path.name, s.env) for s in specs] == [
+            (0, "engine-0.sock", {"CUDA_VISIBLE_DEVICES": "2"}),
+            (1, "engine-1.sock", {"CUDA_VISIBLE_DEVICES": "5"}),
+        ]
+        assert plan_engines(self.settings(tmp_path, engine="inline")) == []
+
+
+def start_engine(model_dir: Path, socket_path: Path, **settings: str) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "RERANKER_MODEL_PATH": str(model_dir), "RERANKER_BACKEND": "simulated",
+           "RERANKER_SIMULATED_TOKEN_US": "20", **settings}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    env.pop(ENGINE_SOCKETS_ENV, None)
+    return subprocess.Popen([sys.executable, "-m", "app.engine.process", "--socket", str(socket_path)],
+                            cwd=REPO_ROOT, env=env)
+
+
+@pytest.fixture
+def engine(tiny_model_dir: Path, tmp_path: Path) -> Iterator[Path]:
+    socket_path = tmp_path / "engine.sock"
+    process = start_engine(tiny_model_dir, socket_path)
+    yield socket_path
+    process.terminate()
+    assert process.wait(30) == 0  # SIGTERM: a clean stop
+    assert not socket_path.exists()
+
+
+async def test_a_worker_gets_the_devices_answers_and_can_withdraw_a_request(
+    engine: Path, tiny_model_dir: Path
+) -> None:
+    settings = Settings(model_path=tiny_model_dir, backend="simulated")  # type: ignore[arg-type]
+    device = SimulatedDevice(settings)
+    client = EngineClient([engine], encoder=device.encoder, max_queue_pairs=100)
+    await client.start(timeout_s=60)
+    try:
+        requests = [device.encoder.encode(f"query {n}", [f"document {i} " * (n + i) for i in range(5)]).pairs
+                    for n in range(6)]
+        answers = await asyncio.gather(*(client.score(encode_pairs(pairs), len(pairs)) for pairs in requests))
+        assert answers == [device.forward(pairs) for pairs in requests]
+        assert await client.check_health() is None
+
+        # A request withdrawn while another occupies the device is dropped by the engine.
+        long_pairs = device.encoder.encode("busy", ["many words " * 30] * 40).pairs  # ~50 ms of device time
+        busy = asyncio.create_task(client.score(encode_pairs(long_pairs), len(long_pairs)))
+        await asyncio.sleep(0.01)
+        leaving = asyncio.create_task(client.score(encode_pairs(requests[1]), 5))
+        await asyncio.sleep(0.01)
+        leaving.cancel()
+        assert await busy == device.forward(long_pairs)
+        with pytest.raises(asyncio.CancelledError):
+            await leaving
+        assert client.pending_pairs == 0
+
+        with pytest.raises(PayloadTooLargeError):
+            await client.score(encode_pairs(requests[0] * 21), 105)
+        queued = [asyncio.create_task(client.score(encode_pairs(requests[5] * 10), 50)) for _ in range(2)]
+        await asyncio.sleep(0)
+        with pytest.raises(OverloadedError):
+            await client.score(encode_pairs(requests[0]), 5)
+        await asyncio.gather(*queued)
+    finally:
+        await client.stop()
+
+
+async def test_an_engine_that_cannot_load_says_why_to_the_waiting_worker(tmp_path: Path) -> None:
+    from tests.conftest import fake_model_dir
+
+    broken = fake_model_dir(tmp_path / "broken")  # files present, but not a model anything can load
+    socket_path = tmp_path / "engine.sock"
+    process = start_engine(broken, socket_path)
+    assert process.wait(60) == 1
+    assert failure_marker(socket_path).is_file() and not socket_path.exists()
+    client = EngineClient([socket_path], encoder=None, max_queue_pairs=10)  # type: ignore[arg-type]
+    with pytest.raises(EngineStartError, match="the model engine failed to start: "):
+        await client.start(timeout_s=5)
