@@ -44,6 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ready-timeout", type=float, default=600.0)
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     parser.add_argument("--container", default=None, help="docker container to read CPU time from (optional)")
+    parser.add_argument("--pid", type=int, default=None, help="or a local server's process (and its children)")
     return parser.parse_args(argv)
 
 
@@ -80,6 +81,16 @@ def machine_busy_seconds() -> float:
     return (sum(fields) - idle) / 100.0  # USER_HZ
 
 
+def server_cpu_seconds(args: argparse.Namespace) -> float | None:
+    if args.container:
+        return container_cpu_seconds(args.container)
+    if args.pid:
+        from bench.servers import cpu_seconds, process_tree
+
+        return cpu_seconds(process_tree(args.pid))
+    return None
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     url = args.url.rstrip("/")
     wait_ready(url, args.ready_timeout)
@@ -93,7 +104,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         response.raise_for_status()
     cells = []
     for clients in [int(part) for part in args.clients.split(",") if part.strip()]:
-        cpu0 = container_cpu_seconds(args.container) if args.container else 0.0
+        cpu0 = server_cpu_seconds(args)
         busy0, t0 = machine_busy_seconds(), time.perf_counter()
         samples, wall = asyncio.run(
             drive(
@@ -121,8 +132,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "p99_ms": round(percentile(latencies, 99), 1),
             "machine_busy_cores": round(busy / elapsed, 2),
         }
-        if args.container:
-            cores = (container_cpu_seconds(args.container) - cpu0) / elapsed
+        cpu1 = server_cpu_seconds(args)
+        if cpu0 is not None and cpu1 is not None:
+            cores = (cpu1 - cpu0) / elapsed
             cell["server_cores"] = round(cores, 2)
             cell["other_load_cores"] = round(max(0.0, busy / elapsed - cores), 2)
             cell["pairs_per_cpu_s"] = round(cell["pairs_per_s"] / cores, 2) if cores else 0.0

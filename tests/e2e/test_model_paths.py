@@ -135,7 +135,8 @@ def test_first_up_fetches_the_model_into_the_volume_and_serves_it(
     assert downloaded == sorted(path.name for path in tiny_model.iterdir())
     fetch_lines = fresh.service_logs(FETCH)
     assert any("verified and published" in line for line in fetch_lines), fetch_lines
-    assert fetch_lines[-1].startswith("reranker: model directory /models/current: XLMRobertaForSequenceClassification")
+    checked = "reranker: model directory /models/current: XLMRobertaForSequenceClassification"
+    assert any(line.startswith(checked) for line in fetch_lines), fetch_lines
     assert fresh.inspect(FETCH)["State"]["ExitCode"] == 0  # type: ignore[index]
 
     reranker = fresh.inspect()
