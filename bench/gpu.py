@@ -50,6 +50,7 @@ NEEDED = {
     "httptools": "httptools",
     "opentelemetry": "opentelemetry-api",
     "pytest_asyncio": "pytest-asyncio",
+    "prometheus_client": "prometheus-client",
 }
 INSTALLED_MARK = "RERANKER_BENCH_GPU_INSTALLED"
 

@@ -15,6 +15,7 @@ from app.engine.supervisor import EngineSupervisor, start_engines
 
 _settings = load_settings()
 _engines: EngineSupervisor | None = None
+ENGINE_MODE_WORKER_NICENESS = 5
 
 bind = [f"{_settings.host}:{_settings.port}"]
 workers = _settings.workers
@@ -62,3 +63,10 @@ def on_starting(server):  # gunicorn hook: in the master, before the workers for
 def on_exit(server):  # gunicorn hook: in the master, after the workers have stopped (drained)
     if _engines is not None:
         _engines.stop(timeout_s=_settings.graceful_timeout)
+
+
+def post_fork(server, worker):  # gunicorn hook: in each new worker
+    if _engines is not None:
+        # The engines' forward threads must never wait for a core (a late kernel launch is idle device time);
+        # under CPU contention HTTP workers yield to them. Raising niceness needs no privilege.
+        os.nice(ENGINE_MODE_WORKER_NICENESS)
