@@ -525,6 +525,15 @@ def parse_args(argv: list[str] | None) -> tuple[Request, bool]:
         help="fetch again even if the volume already holds the model (e.g. to follow a moved branch)",
     )
     args = parser.parse_args(argv)
+    if os.environ.get("MODEL_DIR"):
+        # compose.yaml passes MODEL_DIR here only to catch this: set in .env, but without compose.model-dir.yaml
+        # the stack would fetch MODEL_ID and silently ignore the directory.
+        raise FetchError(
+            f"MODEL_DIR={os.environ['MODEL_DIR']} is set but compose.model-dir.yaml is not in COMPOSE_FILE, so it "
+            "would be ignored: add compose.model-dir.yaml to COMPOSE_FILE in .env to serve that directory, or "
+            "unset MODEL_DIR to fetch MODEL_ID",
+            exit_code=EXIT_SETTINGS,
+        )
     source = args.source.strip().lower()
     if source not in SOURCES:
         raise FetchError(f"MODEL_SOURCE={args.source!r} is not one of {', '.join(SOURCES)}", exit_code=EXIT_SETTINGS)

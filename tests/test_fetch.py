@@ -242,6 +242,15 @@ def test_bad_settings_are_one_line_exit_2(root: Path, tmp_path: Path, env: dict[
     assert needle in one_line(result)
 
 
+def test_model_dir_without_its_compose_file_is_refused(root: Path, tmp_path: Path) -> None:
+    # MODEL_DIR set in .env but compose.model-dir.yaml not in COMPOSE_FILE: fetching would silently ignore it.
+    result = run_fetch("http://127.0.0.1:9", root, tmp_path, MODEL_DIR="/srv/models/bge-reranker-base")
+    assert result.returncode == 2
+    line = one_line(result)
+    assert "MODEL_DIR=/srv/models/bge-reranker-base is set" in line and "compose.model-dir.yaml" in line
+    assert not any(root.iterdir())
+
+
 def test_missing_models_directory_is_one_line_exit_2(tmp_path: Path) -> None:
     result = run_fetch("http://127.0.0.1:9", tmp_path / "not-mounted", tmp_path)
     assert result.returncode == 2
