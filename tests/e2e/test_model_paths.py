@@ -178,6 +178,12 @@ def test_second_up_does_not_fetch_again(fresh: Stack, hub: tuple[FakeHub, str]) 
         ),
         pytest.param({"HF_TOKEN": "hf_wrong"}, 3, ["HTTP 401", "HF_TOKEN"], id="bad-token"),
         pytest.param({"cut": "model.safetensors"}, 4, ["cannot download", "next run resumes"], id="interrupted"),
+        pytest.param(
+            {"MODEL_DIR": "/srv/models/bge-reranker-base"},
+            2,
+            ["MODEL_DIR=/srv/models/bge-reranker-base is set", "compose.model-dir.yaml"],
+            id="model-dir-without-its-compose-file",
+        ),
     ],
 )
 def test_a_failed_fetch_fails_up_with_one_line_and_never_starts_the_reranker(
