@@ -122,6 +122,7 @@ def test_compose_configuration(stack: Stack) -> None:
     assert fetch["environment"]["HF_HUB_OFFLINE"] == "0"
     assert fetch["environment"]["MODEL_ID"] == "BAAI/bge-reranker-base"
     assert "deploy" not in fetch  # no GPU for the fetch
+    assert fetch["healthcheck"]["disable"] is True  # a long fetch must not turn "unhealthy" under `up --wait`
     assert fetch["read_only"] is True and fetch["cap_drop"] == ["ALL"]
 
     cpu = json.loads(stack.compose("config", "--format", "json", check=True).stdout)

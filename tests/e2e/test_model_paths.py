@@ -138,6 +138,7 @@ def test_first_up_fetches_the_model_into_the_volume_and_serves_it(
     checked = "reranker: model directory /models/current: XLMRobertaForSequenceClassification"
     assert any(line.startswith(checked) for line in fetch_lines), fetch_lines
     assert fresh.inspect(FETCH)["State"]["ExitCode"] == 0  # type: ignore[index]
+    assert fresh.inspect(FETCH)["Config"]["Healthcheck"]["Test"] == ["NONE"]  # type: ignore[index]
 
     reranker = fresh.inspect()
     assert reranker["State"]["Health"]["Status"] == "healthy"  # type: ignore[index]
