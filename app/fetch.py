@@ -336,15 +336,17 @@ def fetch_huggingface(request: Request, staging: Path) -> str:
         if mapped is None:
             raise
         raise mapped from error
-    files = [
-        RemoteFile(
-            path=path,
-            size=tree[path].size,
-            sha256=tree[path].lfs.sha256 if tree[path].lfs is not None else None,
-            git_oid=tree[path].blob_id,
+    files = []
+    for path in paths:
+        lfs = tree[path].lfs
+        files.append(
+            RemoteFile(
+                path=path,
+                size=tree[path].size,
+                sha256=lfs.sha256 if lfs is not None else None,
+                git_oid=tree[path].blob_id,
+            )
         )
-        for path in paths
-    ]
     verify(staging, files, where=endpoint)
     return commit
 
