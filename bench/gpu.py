@@ -250,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         run_json = args.out / f"service-{workers}w.json"
         command = [python, "-m", "bench.run", "--device", args.device, "--workloads", args.workloads,
                    "--clients", args.clients, "--duration", str(args.duration),
-                   "--max-requests", str(args.max_requests), "--workers", str(workers), "--no-memory", "--cache-dir", str(args.cache_dir),
+                   "--max-requests", str(args.max_requests), "--workers", str(workers), "--no-memory",
+                   "--cache-dir", str(args.cache_dir),
                    "--json", str(run_json), "--plot", str(args.out / f"service-{workers}w.png")]
         if position:
             command.append("--no-baseline")  # the baseline does not depend on our worker count
