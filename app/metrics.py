@@ -49,6 +49,10 @@ WORKERS_READY = Gauge(
     "reranker_ready_workers", "Workers whose model is loaded, warmed and healthy.", multiprocess_mode="livesum"
 )
 WORKERS_UP = Gauge("reranker_workers", "Live worker processes.", multiprocess_mode="livesum")
+ENGINES_READY = Gauge(
+    "reranker_engines", "Engine processes loaded and serving (one per GPU; 0 when the model runs inline).",
+    multiprocess_mode="livesum",
+)
 REJECTED = Counter("reranker_rejected", "Requests refused before scoring, by reason.", ["reason"])
 
 

@@ -28,6 +28,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from app import metrics
 from app.batcher import DynamicBatcher
 from app.config import SettingsError, load_settings
 from app.engine.base import Backend
@@ -164,6 +165,7 @@ async def serve(socket_path: Path) -> int:
     staging.unlink(missing_ok=True)
     server = await asyncio.start_unix_server(engine.serve_connection, path=str(staging))
     os.replace(staging, socket_path)  # connectable only now: loaded and warmed
+    metrics.ENGINES_READY.set(1)
     logger.info("engine ready on %s in %.1fs (%s)", socket_path, time.perf_counter() - started, backend.describe())
 
     stop = asyncio.Event()
@@ -183,6 +185,7 @@ async def serve(socket_path: Path) -> int:
     await stop.wait()
     watcher.cancel()
     socket_path.unlink(missing_ok=True)
+    metrics.ENGINES_READY.set(0)
     server.close()
     # Workers have drained before the master stops its engines; what is still queued gets its answers.
     await batcher.stop(timeout_s=settings.graceful_timeout)

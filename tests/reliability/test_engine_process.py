@@ -71,6 +71,7 @@ def test_engine_mode_scores_as_inline_does_with_one_model_copy(server_factory: C
     assert len(loads) == 1 and f"[{engine_pid}]" in loads[0], loads
     metrics = scrape(server.base_url)
     assert metric(metrics, "reranker_ready_workers") == 3
+    assert metric(metrics, "reranker_engines") == 1
     # The engine's batcher metrics reach /metrics: every pair a client got was scored there.
     assert metric(metrics, "reranker_pairs_scored_total") >= 10 * len(result.ok())  # every body has >= 10 documents
     assert metric(metrics, "reranker_batch_size_count") > 0
@@ -108,7 +109,9 @@ def test_a_killed_engine_fails_readiness_and_is_replaced(server_factory: Callabl
     assert any(o.status == 200 and o.started > killed_at + ready_in for o in result.outcomes)
     assert len(http_worker_pids(server)) == 2  # the HTTP workers lived through it
     assert "died after" in server.log()
-    assert metric(scrape(server.base_url), "reranker_queue_depth") == 0  # the dead engine's queue is not live
+    metrics = scrape(server.base_url)
+    assert metric(metrics, "reranker_queue_depth") == 0  # the dead engine's queue is not live
+    assert metric(metrics, "reranker_engines") == 1  # the dead one no longer counts, its replacement does
 
 
 def test_sigterm_drains_every_accepted_request_through_the_engine(
