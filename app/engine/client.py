@@ -173,15 +173,19 @@ class EngineClient:
             )
 
     async def _keep_connected(self) -> None:
+        reported: dict[Path, str] = {}  # the last problem logged per engine: once, not five times a second
         while True:
             await asyncio.sleep(RECONNECT_INTERVAL_S)
             for connection in self.connections:
                 if connection.connected:
+                    reported.pop(connection.socket_path, None)
                     continue
                 try:
                     await self._connect_when_up(connection, time.monotonic())
                 except EngineStartError as error:
-                    logger.error("%s", error)
+                    if reported.get(connection.socket_path) != str(error):
+                        logger.error("%s", error)
+                        reported[connection.socket_path] = str(error)
 
     async def score(self, payload: bytes, count: int) -> list[float]:
         """Logits for ``count`` pairs packed by ``wire.encode_pairs``, in order."""

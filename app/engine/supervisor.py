@@ -93,6 +93,7 @@ class _Running:
     process: subprocess.Popen[bytes]
     started: float
     restart_delay: float = 1.0
+    served: bool = False  # this engine slot has been up (its socket appeared) at least once
 
 
 class EngineSupervisor:
@@ -140,14 +141,17 @@ class EngineSupervisor:
             for index, running in list(self._running.items()):
                 # poll() is also how we learn of a death when gunicorn's own reaping got the exit status first.
                 if running.process.poll() is None:
+                    running.served = running.served or running.spec.socket_path.exists()
                     continue
                 with self._lock:
                     if self._stopping.is_set():
                         return
                     mark_metrics_dead(running.process.pid)
                     spec = running.spec
-                    if failure_marker(spec.socket_path).is_file():
-                        # It never loaded: the waiting workers report why and the server stops.
+                    if failure_marker(spec.socket_path).is_file() and not running.served:
+                        # The first start could not load the model: the waiting workers fail to boot with its
+                        # reason and the server stops. (A replacement that cannot load is retried, below: the
+                        # model directory may come back, and the workers keep serving readiness 503s meanwhile.)
                         logger.error("engine %d could not load the model; not restarting it", index)
                         del self._running[index]
                         continue
@@ -162,7 +166,7 @@ class EngineSupervisor:
                     if self._stopping.is_set():
                         return
                     self._running[index] = _Running(spec, self._spawn(spec), time.monotonic(),
-                                                    min(MAX_RESTART_DELAY_S, max(1.0, delay * 2)))
+                                                    min(MAX_RESTART_DELAY_S, max(1.0, delay * 2)), served=True)
                     self.restarts += 1
 
     def stop(self, *, timeout_s: float) -> None:
