@@ -8,6 +8,7 @@ Variables are read from the environment with the prefix ``RERANKER_``; third-par
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from enum import Enum
 from functools import lru_cache
@@ -233,13 +234,22 @@ def model_dir_problem(path: Path) -> str | None:
     if not path.is_dir():
         return f"model path {path} is not a directory"
     if not os.access(path, os.R_OK | os.X_OK):
-        return f"model directory {path} is not readable by this user (uid {os.getuid()})"
+        return f"model directory {path}: permission denied listing it as uid {os.getuid()}; fix: chmod -R a+rX {path}"
     if not (path / "config.json").is_file():
         return f"model directory {path} has no config.json: is it a Hugging Face model directory?"
     if not any((path / name).is_file() for name in WEIGHT_FILES):
         return f"model directory {path} has no weights ({', '.join(WEIGHT_FILES[:2])})"
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         return f"model directory {path} has no tokenizer files (tokenizer.json or sentencepiece.bpe.model)"
+    for name in ("config.json", *WEIGHT_FILES, *TOKENIZER_FILES):
+        # is_file() and stat() succeed on a file open() refuses; the loader would then say "No such file".
+        file = path / name
+        if file.is_file() and not os.access(file, os.R_OK):
+            info = file.stat()
+            return (
+                f"model directory {path}: permission denied reading {name} (owner uid {info.st_uid}, mode "
+                f"{stat.S_IMODE(info.st_mode):04o}) as uid {os.getuid()}; fix: chmod -R a+rX {path}"
+            )
     return None
 
 

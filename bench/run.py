@@ -83,7 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="where the benchmark model is built")
     parser.add_argument("--json", type=Path, default=RESULTS / "results.json", help="write all results here")
     parser.add_argument("--plot", type=Path, default=RESULTS / "results.png",
-                        help="write a plot here (needs matplotlib, in requirements-dev.txt)")
+                        help="write a plot here (needs matplotlib: pip install -e '.[bench]')")
     parser.add_argument("--ready-timeout", type=float, default=900, help="seconds to wait for a server to start")
     args = parser.parse_args(argv)
     if args.quick:
@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     if plot(bench.cells, args.plot):
         print(f"Plot: {args.plot}")
     else:
-        print("Plot skipped: matplotlib is not installed (pip install -r requirements-dev.txt)")
+        print("Plot skipped: matplotlib is not installed (pip install -e '.[bench]')")
     errors = sum(c.errors for c in bench.cells)
     return 1 if errors else 0
 

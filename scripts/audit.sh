@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Dependency audit: known vulnerabilities in what requirements.txt resolves to, and in the installed environment.
+# Dependency audit: known vulnerabilities in what the image installs (requirements.lock) and in the installed environment.
 #
 #   ./scripts/audit.sh              audit both; fail on a known vulnerability that has a fixed version
 #   PYTHON=.venv/bin/python ./scripts/audit.sh
@@ -19,14 +19,14 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 SERVICE=${AUDIT_SERVICE:-pypi}
-REQUIREMENTS=${AUDIT_REQUIREMENTS:-requirements.txt}
+REQUIREMENTS=${AUDIT_REQUIREMENTS:-requirements.lock}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
 say() { printf '%s\n' "$*" >&2; }
 
 if ! "$PYTHON" -m pip_audit --version >/dev/null 2>&1; then
-  say "audit: pip-audit is not installed for $PYTHON: pip install -r requirements-dev.txt"
+  say "audit: pip-audit is not installed for $PYTHON: pip install -e '.[dev]'"
   exit 2
 fi
 
@@ -64,8 +64,8 @@ if [ "$probe" != "ok" ]; then
   exit 3
 fi
 
-# 2. What requirements.txt resolves to today (pip resolves it in a throwaway environment: metadata only),
-#    then everything installed in $PYTHON's environment (torch included, which requirements.txt leaves out).
+# 2. What the image installs (requirements.lock: exact versions), then everything installed in $PYTHON's
+#    environment (torch included, which the lock leaves out).
 status=0
 "$PYTHON" -m pip_audit --vulnerability-service "$SERVICE" --progress-spinner off --format json \
   --requirement "$REQUIREMENTS" --output "$work/requirements.json" 2>"$work/requirements.err" || true

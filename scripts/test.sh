@@ -26,7 +26,10 @@ step "Python environment ($VENV)"
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 # torch is pinned to the CPU build the test machines carry; an unpinned torch would pull GBs of CUDA packages.
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check torch==2.13.0
-"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
+# The runtime dependencies exactly as the image installs them (pinned, hashed), then the package itself
+# (editable) with its test, dev and bench extras.
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r requirements.lock
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e '.[test,dev,bench]'
 export PATH="$PWD/$VENV/bin:$PATH"
 
 step "Lint (ruff)"
@@ -59,8 +62,8 @@ if [ "${RERANKER_SKIP_OLDEST:-}" != "1" ]; then
   started=$(date +%s)
   [ -x "$OLDEST_VENV/bin/python" ] || "$PYTHON" -m venv "$OLDEST_VENV"
   "$OLDEST_VENV/bin/python" -m pip install --quiet --disable-pip-version-check torch==2.13.0
-  "$OLDEST_VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r requirements.txt \
-    -r requirements-oldest.txt pytest pytest-asyncio httpx sentencepiece protobuf
+  "$OLDEST_VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e '.[test]' \
+    -c requirements-oldest.txt
   set +e
   "$OLDEST_VENV/bin/python" -m pytest -q -p no:cacheprovider -m "not server" \
     tests/test_published_models.py tests/test_engine.py tests/test_first_token.py

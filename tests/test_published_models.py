@@ -277,6 +277,14 @@ def test_unreadable_weights_say_permission_denied_and_the_uid(
     last = result.stderr.strip().splitlines()[-1]
     assert "permission denied reading model.safetensors" in last and "as uid 65534" in last, result.stderr
     assert "mode 0600" in last and "chmod" in last
+    # the settings' cheap check (what readiness re-runs) says the same
+    cheap = (
+        "import os; from pathlib import Path; from app.config import model_dir_problem; "
+        f"os.setgid(65534); os.setuid(65534); print(model_dir_problem(Path({str(model_dir)!r})))"
+    )
+    problem = subprocess.run([sys.executable, "-c", cheap], cwd=REPO_ROOT, capture_output=True, text=True,
+                             env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}).stdout
+    assert "permission denied reading model.safetensors" in problem and "as uid 65534" in problem, problem
 
 
 def test_load_log_names_what_was_loaded(family_dirs: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
