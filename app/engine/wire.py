@@ -57,13 +57,25 @@ def pack_json(kind: Kind, request_id: int, payload: dict[str, Any]) -> bytes:
     return pack(kind, request_id, body=json.dumps(payload).encode())
 
 
-def encode_pairs(pairs: Sequence[EncodedPair]) -> bytes:
+PackedPairs = tuple[np.ndarray, np.ndarray, np.ndarray]  # lengths (int32), ids (int32), types (int8)
+
+
+def pack_pairs(pairs: Sequence[EncodedPair]) -> PackedPairs:
     lengths = np.fromiter((len(pair) for pair in pairs), dtype=np.int32, count=len(pairs))
     total = int(lengths.sum())
     chain = itertools.chain.from_iterable
     ids = np.fromiter(chain(pair.input_ids for pair in pairs), dtype=np.int32, count=total)
     types = np.fromiter(chain(pair.type_ids for pair in pairs), dtype=np.int8, count=total)
-    return lengths.tobytes() + ids.tobytes() + types.tobytes()
+    return lengths, ids, types
+
+
+def join_packed(parts: Sequence[PackedPairs]) -> bytes:
+    """One SCORE body from parts packed separately (in order)."""
+    return b"".join(np.concatenate([part[column] for part in parts]).tobytes() for column in range(3))
+
+
+def encode_pairs(pairs: Sequence[EncodedPair]) -> bytes:
+    return join_packed([pack_pairs(pairs)])
 
 
 def decode_pairs(body: bytes, count: int) -> list[EncodedPair]:

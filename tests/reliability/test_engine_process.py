@@ -56,6 +56,9 @@ def http_worker_pids(server: ServerProcess) -> list[int]:
 
 def test_engine_mode_scores_as_inline_does_with_one_model_copy(server_factory: Callable[..., ServerProcess]) -> None:
     bodies = make_bodies(6, seed=21)
+    # Large requests are tokenised in parts in parallel, chunked ones too: windows must land on their documents.
+    bodies += [{**body, "max_chunks_per_doc": 3, "overlap_tokens": 8}
+               for body in make_bodies(2, documents=(48, 48), doc_words=(20, 700), seed=26)]
     inline = server_factory(workers=1, RERANKER_ENGINE="inline")
     expected = reference_scores(inline.base_url, bodies)
     server = server_factory(workers=3, **ENGINE)
