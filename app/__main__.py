@@ -28,7 +28,8 @@ from pathlib import Path
 
 from app.config import SettingsError, load_settings
 
-GUNICORN_CONFIG = Path(__file__).resolve().parent.parent / "docker" / "gunicorn.conf.py"
+# Inside the package, so an installed package (pip install ., the console script) finds it wherever it runs.
+GUNICORN_CONFIG = "python:app.gunicorn_conf"
 EXIT_CONFIG = 2
 
 
@@ -121,8 +122,6 @@ def main(argv: list[str] | None = None) -> None:
     print(f"reranker: settings {json.dumps(settings.effective(), sort_keys=True)}", flush=True)
     if check_only:
         return
-    if not GUNICORN_CONFIG.is_file():
-        _fail(f"gunicorn configuration {GUNICORN_CONFIG} is missing", debug=False)
     # Multiprocess metrics: the directory is set before any worker imports prometheus_client and starts
     # empty, so counters from an earlier run are not served as if they were this one's.
     metrics_dir = settings.prometheus_multiproc_dir
@@ -132,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # batch encodes run in our own threads
-    argv_ = [sys.executable, "-m", "gunicorn", "--config", str(GUNICORN_CONFIG), "app.main:create_app()"]
+    argv_ = [sys.executable, "-m", "gunicorn", "--config", GUNICORN_CONFIG, "app.main:create_app()"]
     os.execv(sys.executable, argv_)
 
 

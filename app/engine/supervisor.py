@@ -1,4 +1,4 @@
-"""The engine processes' supervisor, run by the gunicorn master (``docker/gunicorn.conf.py``'s hooks).
+"""The engine processes' supervisor, run by the gunicorn master (``app/gunicorn_conf.py``'s hooks).
 
 It decides once, before any worker forks, whether the model runs in engine processes and how many (one per
 visible GPU, ``CUDA_VISIBLE_DEVICES`` respected; one on the CPU or the simulated device), starts them as fresh

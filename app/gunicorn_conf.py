@@ -1,4 +1,5 @@
-"""gunicorn configuration, built from the service's settings (``python -m app`` and the image both use it).
+"""gunicorn configuration, built from the service's settings (``python -m app`` passes it as
+``--config python:app.gunicorn_conf``; the image runs exactly that).
 
 The master only manages processes: nothing loads the model or touches CUDA in it (``preload_app`` off). With
 engine processes (``RERANKER_ENGINE``; the default on a GPU) it starts one per device as a fresh interpreter
@@ -7,6 +8,7 @@ before forking the workers, replaces one that dies, and stops them after the wor
 """
 
 import os
+from typing import Any
 
 from prometheus_client import multiprocess
 
@@ -49,23 +51,24 @@ logconfig_dict = {
 }
 
 
-def child_exit(server, worker):  # gunicorn hook signature; server is unused
+# gunicorn's hooks (its objects are untyped): server is the Arbiter, worker the Worker.
+def child_exit(server: Any, worker: Any) -> None:
     # A dead worker's live gauges must stop counting (multiprocess "live*" modes).
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        multiprocess.mark_process_dead(worker.pid)
+        multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
 
 
-def on_starting(server):  # gunicorn hook: in the master, before the workers fork
+def on_starting(server: Any) -> None:  # gunicorn hook: in the master, before the workers fork
     global _engines
     _engines = start_engines(_settings)
 
 
-def on_exit(server):  # gunicorn hook: in the master, after the workers have stopped (drained)
+def on_exit(server: Any) -> None:  # gunicorn hook: in the master, after the workers have stopped (drained)
     if _engines is not None:
         _engines.stop(timeout_s=_settings.graceful_timeout)
 
 
-def post_fork(server, worker):  # gunicorn hook: in each new worker
+def post_fork(server: Any, worker: Any) -> None:  # gunicorn hook: in each new worker
     if _engines is not None:
         # The engines' forward threads must never wait for a core (a late kernel launch is idle device time);
         # under CPU contention HTTP workers yield to them. Raising niceness needs no privilege.
