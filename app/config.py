@@ -293,3 +293,23 @@ def load_settings() -> Settings:
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return load_settings()
+
+
+def settings_table() -> str:
+    """The README's settings table, written from the fields themselves (``python -m app.config``); a test
+    checks the README holds exactly this."""
+    rows = ["| Variable | Default | Meaning |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        if field.is_required():
+            default = "(required)"
+        elif field.default is None:
+            default = "(unset)"
+        else:
+            value = getattr(field.default, "value", field.default)
+            default = f"`{str(value).lower() if isinstance(value, bool) else value}`"
+        rows.append(f"| `{_env_name(name)}` | {default} | {field.description} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(settings_table())
