@@ -65,16 +65,16 @@ def test_engine_mode_scores_as_inline_does_with_one_model_copy(server_factory: C
 
     result = LoadGenerator(server.base_url, bodies, expected, clients=6).run_for(4)
     print(f"\nengine mode: {result.summary()}")
-    assert result.statuses() == Counter({200: len(result.outcomes)}) and result.outcomes
+    assert result.statuses() == Counter({200: len(result.outcomes)}) and result.outcomes, server.log()[-3000:]
     assert not result.wrong()
-    assert len(engine_pids(server)) == 1 and len(http_worker_pids(server)) == 3
+    assert len(engine_pids(server)) == 1 and len(http_worker_pids(server)) == 3, server.worker_pids()
     # One model loaded, by the engine; the three workers hold the tokenizer only.
     engine_pid = engine_pids(server)[0]
     loads = [line for line in server.log().splitlines() if "app.engine.torch_backend" in line and " loaded " in line]
     assert len(loads) == 1 and f"[{engine_pid}]" in loads[0], loads
     metrics = scrape(server.base_url)
-    assert metric(metrics, "reranker_ready_workers") == 3
-    assert metric(metrics, "reranker_engines") == 1
+    assert metric(metrics, "reranker_ready_workers") == 3, metrics
+    assert metric(metrics, "reranker_engines") == 1, metrics
     # The engine's batcher metrics reach /metrics: every pair a client got was scored there.
     assert metric(metrics, "reranker_pairs_scored_total") >= 10 * len(result.ok())  # every body has >= 10 documents
     assert metric(metrics, "reranker_batch_size_count") > 0
