@@ -35,6 +35,8 @@ class _Request:
     future: asyncio.Future[list[float]]
     scores: list[float]
     remaining: int
+    enqueued: float = 0.0  # perf_counter when it entered the queue
+    started: float | None = None  # when the first forward pass with one of its pairs began
 
 
 @dataclass(slots=True)
@@ -100,7 +102,6 @@ class DynamicBatcher:
         self._slots = asyncio.Semaphore(PIPELINE_DEPTH)
         self._thread: threading.Thread | None = None
         self._in_flight = 0  # batches handed to the forward thread and not yet delivered
-        self.last_failure: str | None = None
 
     @property
     def pending_pairs(self) -> int:
@@ -150,7 +151,8 @@ class DynamicBatcher:
             raise OverloadedError(
                 f"this worker has {self._pending_pairs} pairs queued (limit {self.max_queue_pairs}); retry shortly"
             )
-        request = _Request(asyncio.get_running_loop().create_future(), [0.0] * len(pairs), len(pairs))
+        request = _Request(asyncio.get_running_loop().create_future(), [0.0] * len(pairs), len(pairs),
+                           enqueued=time.perf_counter())
         self._waiting.extend(_Waiting(pair, request, position) for position, pair in enumerate(pairs))
         self._pending_pairs += len(pairs)
         metrics.QUEUE_DEPTH.inc(len(pairs))
@@ -209,6 +211,9 @@ class DynamicBatcher:
             batch.live = [item for item in batch.items if not item.request.future.done()]
             if batch.live:
                 started = time.perf_counter()
+                for item in batch.live:
+                    if item.request.started is None:  # read and written by this thread only
+                        item.request.started = started
                 try:
                     batch.scores = self._forward_guarded([item.pair for item in batch.live])
                 except Exception as error:  # a device or model fault: fail these requests, keep serving others
@@ -237,7 +242,6 @@ class DynamicBatcher:
             return
         if batch.error is not None:
             logger.error("forward pass of %d pairs failed", len(live), exc_info=batch.error)
-            self.last_failure = f"{type(batch.error).__name__}: {batch.error}"
             for item in live:
                 if not item.request.future.done():
                     item.request.future.set_exception(EngineFailure("the model failed while scoring this request"))
@@ -250,7 +254,6 @@ class DynamicBatcher:
         metrics.BATCH_TOKENS.observe(len(live) * width)
         metrics.PAIRS_SCORED.inc(len(live))
         metrics.TOKENS_SCORED.inc(sum(len(item.pair) for item in live))
-        self.last_failure = None
         for item, score in zip(live, scores, strict=True):
             request = item.request
             if request.future.done():
@@ -259,6 +262,10 @@ class DynamicBatcher:
             request.remaining -= 1
             if not request.remaining:
                 request.future.set_result(request.scores)
+                done = time.perf_counter()
+                first_pass = request.started if request.started is not None else done
+                metrics.REQUEST_QUEUE_SECONDS.observe(first_pass - request.enqueued)
+                metrics.REQUEST_INFERENCE_SECONDS.observe(done - first_pass)
         self._settle(len(live))
 
     def _forward_guarded(self, pairs: list[EncodedPair]) -> list[float]:

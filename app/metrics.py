@@ -42,6 +42,18 @@ BATCH_TOKENS = Histogram(
 INFERENCE_SECONDS = Histogram(
     "reranker_inference_duration_seconds", "Time of one forward pass.", buckets=LATENCY_BUCKETS
 )
+# Where a request's time goes, per request (TEI's te_request_{tokenization,queue,inference}_duration split):
+TOKENIZATION_SECONDS = Histogram(
+    "reranker_request_tokenization_seconds", "Tokenising a request's pairs (HTTP worker).", buckets=LATENCY_BUCKETS
+)
+REQUEST_QUEUE_SECONDS = Histogram(
+    "reranker_request_queue_seconds", "From a request's pairs entering the batcher to its first forward pass.",
+    buckets=LATENCY_BUCKETS,
+)
+REQUEST_INFERENCE_SECONDS = Histogram(
+    "reranker_request_inference_seconds", "From a request's first forward pass to its last pair's score.",
+    buckets=LATENCY_BUCKETS,
+)
 QUEUE_DEPTH = Gauge(
     "reranker_queue_depth", "Pairs waiting for a forward pass, over all live workers.", multiprocess_mode="livesum"
 )

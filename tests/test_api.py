@@ -327,6 +327,17 @@ class TestRequestIdAndLogs:
         assert line["documents"] == 1 and line["tokens"] == 3 + 2 + 4 and line["latency_ms"] >= 0
         assert "confidential" not in caplog.text and "secret query" not in caplog.text
 
+    def test_access_line_says_where_the_time_went(self, make_client: Any, caplog: pytest.LogCaptureFixture) -> None:
+        from app.engine.fake import FakeBackend
+
+        client = make_client(FakeBackend(forward_delay_s=0.05))
+        caplog.set_level("INFO", logger="app.access")
+        assert client.post("/v1/rerank", json={"query": "a b", "documents": ["a", "b c"]}).status_code == 200
+        line = next(json.loads(r.getMessage()) for r in caplog.records if r.name == "app.access")
+        assert line["score_ms"] >= 50  # the queue and the (50 ms) forward pass
+        assert 0 <= line["tokenize_ms"] < line["score_ms"]
+        assert line["latency_ms"] >= line["tokenize_ms"] + line["score_ms"]
+
 
 class TestLongDocuments:
     """With a 24-token window the fake model shows what chunking buys: the answer sits past the first window."""

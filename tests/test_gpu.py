@@ -39,7 +39,9 @@ def test_cuda_scores_within_tolerance_of_float32(family: str, dtype: str, family
     from sentence_transformers import CrossEncoder
 
     model_dir = family_dirs[family]
-    backend = TorchBackend(Settings(model_path=model_dir, device="cuda", dtype=dtype))  # type: ignore[arg-type]
+    # CUDA graphs on for the default precision (what serving runs); test_cuda_graphs_... compares them with eager.
+    backend = TorchBackend(Settings(model_path=model_dir, device="cuda", dtype=dtype,  # type: ignore[arg-type]
+                                    cuda_graphs=dtype == "auto"))
     backend.warm_up()
     assert backend.describe()["device"].startswith("cuda")
     assert backend.describe()["dtype"] == ("float16" if dtype == "auto" else "bfloat16")

@@ -185,7 +185,8 @@ def test_models_health_ready_metrics_and_docs(live_server: ServerProcess) -> Non
         for name in ("reranker_requests_total", "reranker_request_duration_seconds_bucket",
                      "reranker_pairs_scored_total", "reranker_tokens_scored_total", "reranker_batch_size_bucket",
                      "reranker_batch_tokens_bucket", "reranker_queue_depth", "reranker_inference_duration_seconds",
-                     "reranker_ready_workers"):
+                     "reranker_ready_workers", "reranker_request_tokenization_seconds_bucket",
+                     "reranker_request_queue_seconds_bucket", "reranker_request_inference_seconds_bucket"):
             assert name in text, name
         assert "reranker_ready_workers 2.0" in text
         # FastAPI's own pages are counted under their path; unknown paths share one label

@@ -68,7 +68,8 @@ class RequestContextMiddleware:
                     "latency_ms": round(elapsed * 1000, 2),
                 }
                 # Counts only: document text is never logged.
-                for key in ("documents", "windows", "tokens", "dialect"):
+                # tokenize_ms and score_ms (queue + forward passes) say where latency_ms went.
+                for key in ("documents", "windows", "tokens", "dialect", "tokenize_ms", "score_ms"):
                     if key in state:
                         record[key] = state[key]
                 access_logger.info(json.dumps(record))

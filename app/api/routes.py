@@ -104,6 +104,8 @@ async def score(request: Request, body: RerankRequest, service: RerankService, s
     outcome = await service.rerank(query, texts, chunking=body.chunking(), truncate_only=truncate_only)
     state["tokens"] = outcome.total_tokens
     state["windows"] = sum(document.window_count for document in outcome.documents)
+    state["tokenize_ms"] = round(outcome.tokenize_s * 1000, 2)
+    state["score_ms"] = round(outcome.score_s * 1000, 2)
     return texts, outcome
 
 
