@@ -45,8 +45,8 @@ from bench.servers import (
     start_service,
 )
 from bench.workloads import WORKLOADS, PreparedWorkload, load_encoder, prepare
-from tests.conftest import ServerProcess
 from tests.model_factory import make_words
+from tests.utils import ServerProcess
 
 logger = logging.getLogger("bench")
 DEFAULT_CACHE = Path(tempfile.gettempdir()) / "reranker-bench"

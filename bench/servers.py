@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import REPO_ROOT, ServerProcess, free_port, start_server, wait_until_ready
+from tests.utils import REPO_ROOT, ServerProcess, free_port, start_server, wait_until_ready
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 

@@ -6,9 +6,9 @@ The long version of ``tests/reliability`` (whose tests take seconds each). It st
 ``--model`` names another, and prints one line of figures per phase and a JSON summary at the end. The figures
 in the README come from it.
 
-    python scripts/soak.py                      # ~5 minutes: 3 min of load, then the fault phases
-    python scripts/soak.py --load-minutes 10 --clients 8
-    python scripts/soak.py --phases load,kill   # a subset
+    python -m scripts.soak                      # ~5 minutes: 3 min of load, then the fault phases
+    python -m scripts.soak --load-minutes 10 --clients 8
+    python -m scripts.soak --phases load,kill   # a subset
 
 All load is bounded: ``--clients`` threads, each with one request in flight, for a fixed time.
 """
@@ -29,14 +29,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
+import httpx
 
-import httpx  # noqa: E402
-
-from tests.conftest import ServerProcess, start_server  # noqa: E402
-from tests.model_factory import build_cross_encoder  # noqa: E402
-from tests.reliability.harness import (  # noqa: E402
+from tests.model_factory import build_cross_encoder
+from tests.reliability.harness import (
     LoadGenerator,
     make_bodies,
     metric,
@@ -48,6 +44,7 @@ from tests.reliability.harness import (  # noqa: E402
     sigterm_with_backlog,
     wait_for,
 )
+from tests.utils import ServerProcess, start_server
 
 PHASES = ("load", "overload", "kill", "disconnect", "vanish", "term")
 BASE = {"RERANKER_DTYPE": "float32", "RERANKER_TORCH_THREADS": "1", "RERANKER_TORCH_COMPILE": "off"}

@@ -20,7 +20,7 @@ from app.engine.simulated import SimulatedDevice
 from app.engine.supervisor import ENGINE_SOCKETS_ENV, EngineSpec, plan_engines, visible_gpus
 from app.engine.wire import decode_pairs, decode_scores, encode_pairs, encode_scores
 from app.errors import OverloadedError, PayloadTooLargeError
-from tests.conftest import REPO_ROOT
+from tests.utils import REPO_ROOT
 
 
 class TestWire:
@@ -46,7 +46,7 @@ class TestWire:
 
 class TestPlan:
     def settings(self, tmp_path: Path, **overrides: object) -> Settings:
-        from tests.conftest import fake_model_dir
+        from tests.utils import fake_model_dir
 
         return Settings(model_path=fake_model_dir(tmp_path / "model"), engine_socket_dir=tmp_path / "s",
                         **overrides)  # type: ignore[arg-type]
@@ -129,7 +129,7 @@ async def test_a_worker_gets_the_devices_answers_and_can_withdraw_a_request(
 
 
 async def test_an_engine_that_cannot_load_says_why_to_the_waiting_worker(tmp_path: Path) -> None:
-    from tests.conftest import fake_model_dir
+    from tests.utils import fake_model_dir
 
     broken = fake_model_dir(tmp_path / "broken")  # files present, but not a model anything can load
     socket_path = tmp_path / "engine.sock"

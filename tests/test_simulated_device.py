@@ -24,8 +24,8 @@ from app.batcher import plan_batches
 from app.config import Settings
 from app.engine.simulated import SimulatedDevice
 from bench.driver import drive, drive_raw
-from tests.conftest import ServerProcess, start_server
 from tests.reliability.harness import make_bodies
+from tests.utils import ServerProcess, start_server
 
 pytestmark = pytest.mark.server
 

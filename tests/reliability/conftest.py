@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ServerProcess, start_server
+from tests.utils import ServerProcess, start_server
 
 # Settings every reliability server shares: exact float32 scores, one torch thread per worker (2 cores), and
 # eager mode: torch.compile adds ~20 s to every worker start, and these tests start (and replace) many workers.

@@ -30,9 +30,9 @@ from schemathesis.specs.openapi.checks import (
 from app.config import Settings
 from app.engine.fake import FakeBackend
 from app.main import create_app
-from tests.conftest import ServerProcess, fake_model_dir, start_server
 from tests.reliability.conftest import BASE_SETTINGS
 from tests.reliability.harness import make_bodies, reference_scores, same_scores
+from tests.utils import ServerProcess, fake_model_dir, start_server
 
 pytestmark = pytest.mark.reliability
 

@@ -19,7 +19,6 @@ import pytest
 
 from app.engine.fake import FakeBackend
 from app.main import create_app
-from tests.conftest import ServerProcess
 from tests.reliability.harness import (
     LoadGenerator,
     make_bodies,
@@ -30,6 +29,7 @@ from tests.reliability.harness import (
     sigterm_with_backlog,
     wait_for,
 )
+from tests.utils import ServerProcess
 
 pytestmark = pytest.mark.reliability
 

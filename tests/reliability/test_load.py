@@ -13,7 +13,6 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from tests.conftest import ServerProcess
 from tests.reliability.harness import (
     LoadGenerator,
     make_bodies,
@@ -24,6 +23,7 @@ from tests.reliability.harness import (
     same_scores,
     scrape,
 )
+from tests.utils import ServerProcess
 
 pytestmark = pytest.mark.reliability
 
