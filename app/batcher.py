@@ -54,9 +54,7 @@ def plan_batches(lengths: Sequence[int], *, max_batch_tokens: int, max_batch_pai
     current: list[int] = []
     for position in order:
         # Sorted ascending, so this pair is the longest of the batch: it sets the padded width.
-        if current and (
-            len(current) >= max_batch_pairs or (len(current) + 1) * lengths[position] > max_batch_tokens
-        ):
+        if current and (len(current) >= max_batch_pairs or (len(current) + 1) * lengths[position] > max_batch_tokens):
             batches.append(current)
             current = []
         current.append(position)
@@ -112,8 +110,7 @@ class DynamicBatcher:
         self._accepting = True
         self._slots = asyncio.Semaphore(PIPELINE_DEPTH)
         self._handover = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._forward_loop, args=(self._handover,), name="forward",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._forward_loop, args=(self._handover,), name="forward", daemon=True)
         self._thread.start()
         self._consumer = asyncio.create_task(self._run(), name="batcher")
 
@@ -151,8 +148,9 @@ class DynamicBatcher:
             raise OverloadedError(
                 f"this worker has {self._pending_pairs} pairs queued (limit {self.max_queue_pairs}); retry shortly"
             )
-        request = _Request(asyncio.get_running_loop().create_future(), [0.0] * len(pairs), len(pairs),
-                           enqueued=time.perf_counter())
+        request = _Request(
+            asyncio.get_running_loop().create_future(), [0.0] * len(pairs), len(pairs), enqueued=time.perf_counter()
+        )
         self._waiting.extend(_Waiting(pair, request, position) for position, pair in enumerate(pairs))
         self._pending_pairs += len(pairs)
         metrics.QUEUE_DEPTH.inc(len(pairs))

@@ -47,11 +47,13 @@ TOKENIZATION_SECONDS = Histogram(
     "reranker_request_tokenization_seconds", "Tokenising a request's pairs (HTTP worker).", buckets=LATENCY_BUCKETS
 )
 REQUEST_QUEUE_SECONDS = Histogram(
-    "reranker_request_queue_seconds", "From a request's pairs entering the batcher to its first forward pass.",
+    "reranker_request_queue_seconds",
+    "From a request's pairs entering the batcher to its first forward pass.",
     buckets=LATENCY_BUCKETS,
 )
 REQUEST_INFERENCE_SECONDS = Histogram(
-    "reranker_request_inference_seconds", "From a request's first forward pass to its last pair's score.",
+    "reranker_request_inference_seconds",
+    "From a request's first forward pass to its last pair's score.",
     buckets=LATENCY_BUCKETS,
 )
 QUEUE_DEPTH = Gauge(
@@ -62,7 +64,8 @@ WORKERS_READY = Gauge(
 )
 WORKERS_UP = Gauge("reranker_workers", "Live worker processes.", multiprocess_mode="livesum")
 ENGINES_READY = Gauge(
-    "reranker_engines", "Engine processes loaded and serving (one per GPU; 0 when the model runs inline).",
+    "reranker_engines",
+    "Engine processes loaded and serving (one per GPU; 0 when the model runs inline).",
     multiprocess_mode="livesum",
 )
 REJECTED = Counter("reranker_rejected", "Requests refused before scoring, by reason.", ["reason"])

@@ -141,8 +141,7 @@ class RerankService:
             raise RuntimeError("engine processes need an encoder factory")
         try:
             encoder = await asyncio.to_thread(self._encoder_factory)
-            engines = EngineClient(self._engine_sockets, encoder=encoder,
-                                   max_queue_pairs=self.settings.max_queue_pairs)
+            engines = EngineClient(self._engine_sockets, encoder=encoder, max_queue_pairs=self.settings.max_queue_pairs)
             # The engines load and warm the model meanwhile: as long as the worker may stay silent.
             await engines.start(timeout_s=self.settings.worker_timeout)
         except Exception:
@@ -152,8 +151,9 @@ class RerankService:
         self.state = "ready"
         metrics.WORKERS_READY.set(1)
         facts = [connection.facts.get("describe") for connection in engines.connections]
-        logger.info("worker ready in %.1fs with %d engine process(es): %s", time.perf_counter() - started,
-                    len(facts), facts)
+        logger.info(
+            "worker ready in %.1fs with %d engine process(es): %s", time.perf_counter() - started, len(facts), facts
+        )
 
     def model_facts(self) -> dict[str, str]:
         """What was loaded and how it runs (the backend's ``describe()``: architecture, labels, max length,
@@ -264,11 +264,14 @@ class RerankService:
             return encoded, b""
         parts = max(1, min(self._encode_threads, len(documents) // DOCUMENTS_PER_ENCODE_PART))
         size = -(-len(documents) // parts)
-        results = await asyncio.gather(*(
-            loop.run_in_executor(self._encode_pool, self._encode_and_pack, encoder, query,
-                                 documents[start : start + size], policy)
-            for start in range(0, len(documents), size)
-        ))
+        results = await asyncio.gather(
+            *(
+                loop.run_in_executor(
+                    self._encode_pool, self._encode_and_pack, encoder, query, documents[start : start + size], policy
+                )
+                for start in range(0, len(documents), size)
+            )
+        )
         merged = EncodedRequest()
         for part, _ in results:
             merged.first_pair.extend(len(merged.pairs) + first for first in part.first_pair)

@@ -38,8 +38,9 @@ def scores_by_document(payload: object) -> list[float] | None:
     return [scores[i] for i in range(len(scores))]
 
 
-async def drive(url: str, bodies: list[bytes], *, clients: int, duration_s: float, max_requests: int,
-                timeout_s: float) -> tuple[list[Sample], float]:
+async def drive(
+    url: str, bodies: list[bytes], *, clients: int, duration_s: float, max_requests: int, timeout_s: float
+) -> tuple[list[Sample], float]:
     """Run ``clients`` closed-loop clients; return the samples and the wall time from first send to last answer.
 
     Each client sends its next request as soon as its previous one is answered, until ``duration_s`` has passed
@@ -61,8 +62,9 @@ async def drive(url: str, bodies: list[bytes], *, clients: int, duration_s: floa
                 sent += 1
                 started = time.perf_counter()
                 try:
-                    response = await http.post(url, content=bodies[position % len(bodies)],
-                                               headers={"content-type": "application/json"})
+                    response = await http.post(
+                        url, content=bodies[position % len(bodies)], headers={"content-type": "application/json"}
+                    )
                     status = response.status_code
                     scores = scores_by_document(response.json()) if status == 200 else None
                 except (httpx.HTTPError, json.JSONDecodeError):
@@ -75,8 +77,9 @@ async def drive(url: str, bodies: list[bytes], *, clients: int, duration_s: floa
     return sorted(samples, key=lambda s: s.request), wall
 
 
-async def drive_raw(url: str, bodies: list[bytes], *, clients: int, duration_s: float, max_requests: int,
-                    timeout_s: float) -> tuple[list[Sample], float]:
+async def drive_raw(
+    url: str, bodies: list[bytes], *, clients: int, duration_s: float, max_requests: int, timeout_s: float
+) -> tuple[list[Sample], float]:
     """:func:`drive` with a minimal HTTP/1.1 client: one keep-alive connection per client, requests pre-built.
 
     httpx spends about a millisecond of Python per 100 KB request; at GPU rates (hundreds of requests/s) and on
@@ -86,8 +89,11 @@ async def drive_raw(url: str, bodies: list[bytes], *, clients: int, duration_s: 
     parts = urlsplit(url)
     host, port, path = parts.hostname or "127.0.0.1", parts.port or 80, parts.path or "/"
     requests = [
-        (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-         f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+        (
+            f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        + body
         for body in bodies
     ]
     samples: list[Sample] = []

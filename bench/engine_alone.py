@@ -47,13 +47,26 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             runs += 1
         elapsed = time.perf_counter() - begin
         flops = sum(pair_flops(len(pair), shape) for pair in pairs) * runs / elapsed
-        batches.append({"pairs": count, "longest": max(len(p) for p in pairs), "runs": runs,
-                        "ms_per_batch": 1000 * elapsed / runs, "pairs_per_s": count * runs / elapsed,
-                        "model_flops_per_s": flops})
-        logging.info("engine alone: %d pairs x %d tokens: %.1f ms per batch, %.0f pairs/s", count,
-                     max(len(p) for p in pairs), 1000 * elapsed / runs, count * runs / elapsed)
-    peak = measure_matmul_peak(dtype_name=described["dtype"], device=str(backend.device),
-                               threads=len(os.sched_getaffinity(0)), shape=shape)
+        batches.append(
+            {
+                "pairs": count,
+                "longest": max(len(p) for p in pairs),
+                "runs": runs,
+                "ms_per_batch": 1000 * elapsed / runs,
+                "pairs_per_s": count * runs / elapsed,
+                "model_flops_per_s": flops,
+            }
+        )
+        logging.info(
+            "engine alone: %d pairs x %d tokens: %.1f ms per batch, %.0f pairs/s",
+            count,
+            max(len(p) for p in pairs),
+            1000 * elapsed / runs,
+            count * runs / elapsed,
+        )
+    peak = measure_matmul_peak(
+        dtype_name=described["dtype"], device=str(backend.device), threads=len(os.sched_getaffinity(0)), shape=shape
+    )
     for batch in batches:
         batch["peak_fraction"] = batch["model_flops_per_s"] / peak
     return {"describe": described, "load_and_warm_up_s": load_s, "matmul_peak_flops": peak, "batches": batches}

@@ -49,8 +49,9 @@ def pair_flops(tokens: int, shape: ModelShape) -> float:
     return float((shape.layers - 1) * per_layer + last_layer + head)
 
 
-def measure_matmul_peak(*, dtype_name: str, device: str, threads: int, shape: ModelShape | None = None,
-                        repeats: int = 6) -> float:
+def measure_matmul_peak(
+    *, dtype_name: str, device: str, threads: int, shape: ModelShape | None = None, repeats: int = 6
+) -> float:
     """Best FLOP/s of matrix products in ``dtype_name`` on ``device`` with ``threads`` CPU threads.
 
     The best of several timed runs (after untimed ones) of square products and, given the model's ``shape``,
@@ -95,8 +96,11 @@ def measure_matmul_peak(*, dtype_name: str, device: str, threads: int, shape: Mo
         torch.set_num_threads(previous)
 
 
-def _prepacked_linear_rate(inputs: Any, outputs: int, best_rate: Callable[[Callable[[], object], float], float],
-                           ) -> float:
+def _prepacked_linear_rate(
+    inputs: Any,
+    outputs: int,
+    best_rate: Callable[[Callable[[], object], float], float],
+) -> float:
     """FLOP/s of a frozen, compiled ``nn.Linear`` on the CPU (float32 weights under bf16 autocast, as the
     service runs them; plain float32 otherwise). 0 where inductor cannot compile here."""
     import torch

@@ -56,15 +56,25 @@ INSTALLED_MARK = "RERANKER_BENCH_GPU_INSTALLED"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench/results/gpu")),
-                        help="where gpu-bench.json and gpu-bench.txt go")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.gpu",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(os.environ.get("OUT", "bench/results/gpu")),
+        help="where gpu-bench.json and gpu-bench.txt go",
+    )
     parser.add_argument("--wheels", type=Path, default=REPO / ".whl", help="prepared wheels (--prepare-wheels)")
     parser.add_argument("--site", type=Path, default=Path("/tmp/site"), help="where the wheels are installed")
-    parser.add_argument("--prepare-wheels", action="store_true",
-                        help="on a machine with network: download the wheels a GPU host lacks into --wheels, at "
-                             "this environment's versions, for --python-version, and exit")
+    parser.add_argument(
+        "--prepare-wheels",
+        action="store_true",
+        help="on a machine with network: download the wheels a GPU host lacks into --wheels, at "
+        "this environment's versions, for --python-version, and exit",
+    )
     parser.add_argument("--python-version", default="3.12", help="the GPU host's Python (for --prepare-wheels)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--workloads", default="target,gpu64")
@@ -74,11 +84,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-requests", type=int, default=300, help="requests per cell at most")
     parser.add_argument("--engine-pairs", default="64,256", help="batch sizes for the engine alone")
     parser.add_argument("--engine-tokens", type=int, default=256, help="tokens per pair for the engine alone")
-    parser.add_argument("--service-env", action="append", default=[], metavar="NAME=VALUE",
-                        help="extra environment for the service (repeatable)")
+    parser.add_argument(
+        "--service-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra environment for the service (repeatable)",
+    )
     parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/reranker-bench"))
-    parser.add_argument("--budget", type=float, default=450.0,
-                        help="seconds for everything; a step that would start past it is skipped")
+    parser.add_argument(
+        "--budget", type=float, default=450.0, help="seconds for everything; a step that would start past it is skipped"
+    )
     parser.add_argument("--test-timeout", type=float, default=120.0, help="seconds for pytest -m gpu")
     parser.add_argument("--no-tests", action="store_true", help="skip pytest -m gpu")
     return parser.parse_args(argv)
@@ -93,9 +109,24 @@ def prepare_wheels(args: argparse.Namespace) -> int:
     args.wheels.mkdir(parents=True, exist_ok=True)
     for distribution in NEEDED.values():
         pinned = f"{distribution}=={version(distribution)}"
-        command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-                   "--python-version", args.python_version, "--platform", "manylinux2014_x86_64",
-                   "--platform", "manylinux_2_28_x86_64", "-d", str(args.wheels), pinned]
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--python-version",
+            args.python_version,
+            "--platform",
+            "manylinux2014_x86_64",
+            "--platform",
+            "manylinux_2_28_x86_64",
+            "-d",
+            str(args.wheels),
+            pinned,
+        ]
         print("+", shlex.join(command), flush=True)
         subprocess.run(command, check=True)
     print(f"{len(list(args.wheels.glob('*.whl')))} wheels in {args.wheels}")
@@ -115,13 +146,31 @@ def install_and_rerun(args: argparse.Namespace, argv: list[str]) -> None:
         sys.exit(f"still missing after installing the wheels: {missing}; prepare them with --prepare-wheels")
     wheels = sorted(glob.glob(str(args.wheels / "*.whl")))
     if not wheels:
-        sys.exit(f"missing {missing} and no wheels in {args.wheels}: run 'python -m bench.gpu --prepare-wheels' on "
-                 "a machine with network and carry the folder along")
+        sys.exit(
+            f"missing {missing} and no wheels in {args.wheels}: run 'python -m bench.gpu --prepare-wheels' on "
+            "a machine with network and carry the folder along"
+        )
     print(f"installing {len(wheels)} wheels for {missing} into {args.site}", flush=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--target",
-                    str(args.site), *wheels], check=True)
-    env = {**os.environ, INSTALLED_MARK: "1",
-           "PYTHONPATH": os.pathsep.join(p for p in (str(args.site), str(REPO), os.environ.get("PYTHONPATH")) if p)}
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-index",
+            "--no-deps",
+            "--target",
+            str(args.site),
+            *wheels,
+        ],
+        check=True,
+    )
+    env = {
+        **os.environ,
+        INSTALLED_MARK: "1",
+        "PYTHONPATH": os.pathsep.join(p for p in (str(args.site), str(REPO), os.environ.get("PYTHONPATH")) if p),
+    }
     os.execve(sys.executable, [sys.executable, "-m", "bench.gpu", *argv], env)
 
 
@@ -149,13 +198,23 @@ class Steps:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with log_path.open("wb") as log:
             try:
-                code = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                      timeout=max(10.0, min(timeout_s, self.left()))).returncode
+                code = subprocess.run(
+                    command,
+                    cwd=REPO,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    timeout=max(10.0, min(timeout_s, self.left())),
+                ).returncode
             except subprocess.TimeoutExpired:
                 code = -1
         text = log_path.read_text(errors="replace")
-        self.record["steps"][name] = {"command": shlex.join(command), "exit": code,
-                                      "seconds": round(time.monotonic() - began, 1), "log_tail": text[-4000:]}
+        self.record["steps"][name] = {
+            "command": shlex.join(command),
+            "exit": code,
+            "seconds": round(time.monotonic() - began, 1),
+            "log_tail": text[-4000:],
+        }
         print(f"== {name}: exit {code} in {time.monotonic() - began:.0f}s", flush=True)
         return code == 0
 
@@ -167,25 +226,33 @@ def summarise(record: dict[str, Any]) -> list[str]:
     batches = {b["pairs"]: b for b in engine.get("batches", [])}
     engine64 = batches.get(64)  # the goals' setting: 64 pairs of 256 tokens
     if batches:
-        lines.append(f"engine alone ({engine['describe'].get('device')}, {engine['describe'].get('dtype')}): "
-                     + "; ".join(f"{b['pairs']} pairs x {b['longest']} tokens: {b['pairs_per_s']:.0f} pairs/s, "
-                                 f"{b['ms_per_batch']:.2f} ms/batch, {100 * b['peak_fraction']:.0f}% of the "
-                                 f"{engine['matmul_peak_flops'] / 1e12:.0f} TFLOP/s matmul peak"
-                                 for b in batches.values()))
+        lines.append(
+            f"engine alone ({engine['describe'].get('device')}, {engine['describe'].get('dtype')}): "
+            + "; ".join(
+                f"{b['pairs']} pairs x {b['longest']} tokens: {b['pairs_per_s']:.0f} pairs/s, "
+                f"{b['ms_per_batch']:.2f} ms/batch, {100 * b['peak_fraction']:.0f}% of the "
+                f"{engine['matmul_peak_flops'] / 1e12:.0f} TFLOP/s matmul peak"
+                for b in batches.values()
+            )
+        )
     for key, run in sorted(record.get("service", {}).items()):
         cells = run.get("cells", [])
         lines.append(f"\n{key}: pairs/s (p50 ms, % of matmul peak, x baseline)")
         for workload in dict.fromkeys(c["workload"] for c in cells):
             for server in ("service", "baseline"):
-                mine = sorted((c for c in cells if c["workload"] == workload and c["server"] == server),
-                              key=lambda c: c["clients"])
+                mine = sorted(
+                    (c for c in cells if c["workload"] == workload and c["server"] == server),
+                    key=lambda c: c["clients"],
+                )
                 if not mine:
                     continue
                 row = ", ".join(
                     f"{c['clients']}: {c['pairs_per_s']:.0f} ({c['p50_ms']:.0f} ms, {100 * c['peak_fraction']:.0f}%"
                     + (f", {c['ratio_to_baseline']:.2f}x" if c.get("ratio_to_baseline") else "")
-                    + (f", {c['errors']} errors" if c["errors"] else "") + ")"
-                    for c in mine)
+                    + (f", {c['errors']} errors" if c["errors"] else "")
+                    + ")"
+                    for c in mine
+                )
                 lines.append(f"  {workload:<7} {server:<8} {row}")
         by = {(c["workload"], c["clients"]): c for c in cells if c["server"] == "service"}
         goals = []
@@ -194,32 +261,43 @@ def summarise(record: dict[str, Any]) -> list[str]:
                 cell = by.get(("gpu64", clients))
                 if cell:
                     share = cell["pairs_per_s"] / engine64["pairs_per_s"]
-                    goals.append(f"gpu64 at {clients} clients: {share:.0%} of the engine alone (want >= 85%): "
-                                 f"{'met' if share >= 0.85 else 'NOT met'}; {100 * cell['peak_fraction']:.0f}% of "
-                                 f"peak (want >= 40%): {'met' if cell['peak_fraction'] >= 0.40 else 'NOT met'}")
+                    goals.append(
+                        f"gpu64 at {clients} clients: {share:.0%} of the engine alone (want >= 85%): "
+                        f"{'met' if share >= 0.85 else 'NOT met'}; {100 * cell['peak_fraction']:.0f}% of "
+                        f"peak (want >= 40%): {'met' if cell['peak_fraction'] >= 0.40 else 'NOT met'}"
+                    )
             one = by.get(("gpu64", 1))
             if one:
-                goals.append(f"gpu64 p50 at 1 client {one['p50_ms']:.1f} ms vs the engine's batch "
-                             f"{engine64['ms_per_batch']:.1f} ms (want within a few ms)")
+                goals.append(
+                    f"gpu64 p50 at 1 client {one['p50_ms']:.1f} ms vs the engine's batch "
+                    f"{engine64['ms_per_batch']:.1f} ms (want within a few ms)"
+                )
         low, high = by.get(("gpu64", 4)), by.get(("gpu64", 64))
         if low and high:
             held = high["pairs_per_s"] >= 0.95 * low["pairs_per_s"]
-            goals.append(f"gpu64 4 -> 64 clients: {low['pairs_per_s']:.0f} -> {high['pairs_per_s']:.0f} pairs/s "
-                         f"(no drop; 5% noise allowed): {'met' if held else 'NOT met'}")
+            goals.append(
+                f"gpu64 4 -> 64 clients: {low['pairs_per_s']:.0f} -> {high['pairs_per_s']:.0f} pairs/s "
+                f"(no drop; 5% noise allowed): {'met' if held else 'NOT met'}"
+            )
         target16 = by.get(("target", 16))
         if target16 and target16.get("ratio_to_baseline"):
             ratio = target16["ratio_to_baseline"]
-            goals.append(f"target at 16 clients: {ratio:.2f}x the baseline (want >= 5x): "
-                         f"{'met' if ratio >= 5 else 'NOT met'}")
+            goals.append(
+                f"target at 16 clients: {ratio:.2f}x the baseline (want >= 5x): {'met' if ratio >= 5 else 'NOT met'}"
+            )
         lines.extend(f"  goal: {goal}" for goal in goals)
     tests = record["steps"].get("gpu-tests")
     if tests:
         tail = tests.get("log_tail", "").strip().splitlines()
         outcome = tests.get("skipped") or f"exit {tests.get('exit')}"
         lines.append(f"\npytest -m gpu: {outcome}" + (f"; {tail[-1]}" if tail else ""))
-    lines.append("\nsteps: " + ", ".join(
-        f"{name} {step.get('seconds', '-')}s" + (" SKIPPED" if "skipped" in step else "")
-        for name, step in record["steps"].items()))
+    lines.append(
+        "\nsteps: "
+        + ", ".join(
+            f"{name} {step.get('seconds', '-')}s" + (" SKIPPED" if "skipped" in step else "")
+            for name, step in record["steps"].items()
+        )
+    )
     return lines
 
 
@@ -234,25 +312,69 @@ def main(argv: list[str] | None = None) -> int:
     python = sys.executable
 
     # The benchmark model (bge-reranker-base's shape, random weights), built once into the cache.
-    steps.run("model", [python, "-c", f"from bench.model import ensure_model; from pathlib import Path; "
-                                      f"print(ensure_model(Path({str(args.cache_dir)!r})))"],
-              needs_s=30, timeout_s=300)
+    steps.run(
+        "model",
+        [
+            python,
+            "-c",
+            f"from bench.model import ensure_model; from pathlib import Path; "
+            f"print(ensure_model(Path({str(args.cache_dir)!r})))",
+        ],
+        needs_s=30,
+        timeout_s=300,
+    )
     model_dir = args.cache_dir / "bge-reranker-base"
 
     engine_json = args.out / "engine-alone.json"
-    if steps.run("engine-alone", [python, "-m", "bench.engine_alone", "--model-dir", str(model_dir), "--device",
-                                  args.device, "--pairs", args.engine_pairs, "--tokens", str(args.engine_tokens),
-                                  "--json", str(engine_json)], needs_s=40, timeout_s=180):
+    if steps.run(
+        "engine-alone",
+        [
+            python,
+            "-m",
+            "bench.engine_alone",
+            "--model-dir",
+            str(model_dir),
+            "--device",
+            args.device,
+            "--pairs",
+            args.engine_pairs,
+            "--tokens",
+            str(args.engine_tokens),
+            "--json",
+            str(engine_json),
+        ],
+        needs_s=40,
+        timeout_s=180,
+    ):
         steps.record["engine_alone"] = json.loads(engine_json.read_text())
 
     steps.record["service"] = {}
     for position, workers in enumerate(int(w) for w in args.workers.split(",")):
         run_json = args.out / f"service-{workers}w.json"
-        command = [python, "-m", "bench.run", "--device", args.device, "--workloads", args.workloads,
-                   "--clients", args.clients, "--duration", str(args.duration),
-                   "--max-requests", str(args.max_requests), "--workers", str(workers), "--no-memory",
-                   "--cache-dir", str(args.cache_dir),
-                   "--json", str(run_json), "--plot", str(args.out / f"service-{workers}w.png")]
+        command = [
+            python,
+            "-m",
+            "bench.run",
+            "--device",
+            args.device,
+            "--workloads",
+            args.workloads,
+            "--clients",
+            args.clients,
+            "--duration",
+            str(args.duration),
+            "--max-requests",
+            str(args.max_requests),
+            "--workers",
+            str(workers),
+            "--no-memory",
+            "--cache-dir",
+            str(args.cache_dir),
+            "--json",
+            str(run_json),
+            "--plot",
+            str(args.out / f"service-{workers}w.png"),
+        ]
         if position:
             command.append("--no-baseline")  # the baseline does not depend on our worker count
         for item in args.service_env:
@@ -263,8 +385,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.no_tests:
         # tests/test_gpu.py only: other modules need what a GPU host lacks (schemathesis) and run in CI anyway.
-        steps.run("gpu-tests", [python, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider",
-                                "tests/test_gpu.py"], needs_s=30, timeout_s=args.test_timeout)
+        steps.run(
+            "gpu-tests",
+            [python, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider", "tests/test_gpu.py"],
+            needs_s=30,
+            timeout_s=args.test_timeout,
+        )
 
     steps.record["total_seconds"] = round(time.monotonic() - steps.started, 1)
     summary = summarise(steps.record)
@@ -273,8 +399,11 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(summary))
     print(f"\n{args.out / 'gpu-bench.json'}, {args.out / 'gpu-bench.txt'} ({steps.record['total_seconds']}s)")
     # pytest's 5 is "no test ran" (no GPU tests selected): reported above, not a failure of the benchmark.
-    failed = [name for name, step in steps.record["steps"].items()
-              if step.get("exit") not in (0, None) and not (name == "gpu-tests" and step.get("exit") == 5)]
+    failed = [
+        name
+        for name, step in steps.record["steps"].items()
+        if step.get("exit") not in (0, None) and not (name == "gpu-tests" and step.get("exit") == 5)
+    ]
     return 1 if failed else 0
 
 

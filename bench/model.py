@@ -38,15 +38,22 @@ def _aim_head(model_dir: Path, pairs: int = 48) -> None:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir, local_files_only=True,
-                                                               dtype=torch.float32).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_dir, local_files_only=True, dtype=torch.float32
+    ).eval()
     queries = [make_words(12, seed=10_000 + i) for i in range(pairs)]
     documents = [make_words(40 + 9 * i, seed=20_000 + i) for i in range(pairs)]
     pooled = []
     with torch.inference_mode():
         for start in range(0, pairs, 8):
-            batch = tokenizer(queries[start:start + 8], documents[start:start + 8], padding=True,
-                              truncation=True, max_length=512, return_tensors="pt")
+            batch = tokenizer(
+                queries[start : start + 8],
+                documents[start : start + 8],
+                padding=True,
+                truncation=True,
+                max_length=512,
+                return_tensors="pt",
+            )
             first = model.roberta(**batch).last_hidden_state[:, 0]
             pooled.append(torch.tanh(model.classifier.dense(first)))  # the head's input to out_proj
     features = torch.cat(pooled)

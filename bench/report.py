@@ -38,21 +38,38 @@ class Cell:
     latency_ratio_to_baseline: float | None = None
 
 
-def summarise(prepared: PreparedWorkload, samples: list[Sample], wall: float, *, server: str, clients: int,
-              peak: float, server_cores: float, other_load_cores: float) -> Cell:
+def summarise(
+    prepared: PreparedWorkload,
+    samples: list[Sample],
+    wall: float,
+    *,
+    server: str,
+    clients: int,
+    peak: float,
+    server_cores: float,
+    other_load_cores: float,
+) -> Cell:
     ok = [s for s in samples if s.status == 200]
     costs = [prepared.costs[s.request % len(prepared.costs)] for s in ok]
     latencies = [s.latency * 1000 for s in ok]
     flops = sum(c.flops for c in costs) / wall
     return Cell(
-        workload=prepared.workload.name, clients=clients, server=server, requests=len(ok),
-        errors=len(samples) - len(ok), wall_s=wall,
+        workload=prepared.workload.name,
+        clients=clients,
+        server=server,
+        requests=len(ok),
+        errors=len(samples) - len(ok),
+        wall_s=wall,
         pairs_per_s=sum(c.documents for c in costs) / wall,
         windows_per_s=sum(c.windows for c in costs) / wall,
         tokens_per_s=sum(c.tokens for c in costs) / wall,
-        model_flops_per_s=flops, peak_fraction=flops / peak,
-        p50_ms=percentile(latencies, 50), p95_ms=percentile(latencies, 95), p99_ms=percentile(latencies, 99),
-        server_cores=server_cores, other_load_cores=other_load_cores,
+        model_flops_per_s=flops,
+        peak_fraction=flops / peak,
+        p50_ms=percentile(latencies, 50),
+        p95_ms=percentile(latencies, 95),
+        p99_ms=percentile(latencies, 99),
+        server_cores=server_cores,
+        other_load_cores=other_load_cores,
     )
 
 
@@ -96,29 +113,35 @@ def compare_scores(workload: str, ours: list[Sample], baseline: list[Sample]) ->
         return None
     mean = sum(all_fp32) / len(all_fp32)
     std = math.sqrt(sum((v - mean) ** 2 for v in all_fp32) / len(all_fp32))
-    return Accuracy(workload, requests, len(diffs), max(diffs), sum(diffs) / len(diffs), std, separated,
-                    mismatched, top1)
+    return Accuracy(
+        workload, requests, len(diffs), max(diffs), sum(diffs) / len(diffs), std, separated, mismatched, top1
+    )
 
 
 def print_cells(cells: list[Cell], peaks: dict[str, float]) -> None:
     peak_text = ", ".join(f"{name} {value / 1e9:.0f} GFLOP/s" for name, value in peaks.items())
     print(f"\nMatrix-multiply peak measured on this machine: {peak_text}")
-    header = (f"{'setting':<11}{'clients':>7} {'server':<9}{'req':>5}{'err':>4}{'pairs/s':>9}{'tokens/s':>10}"
-              f"{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'GFLOP/s':>9}{'% peak':>8}{'x base':>8}{'p50 x':>7}"
-              f"{'cores':>6}{'other':>6}")
+    header = (
+        f"{'setting':<11}{'clients':>7} {'server':<9}{'req':>5}{'err':>4}{'pairs/s':>9}{'tokens/s':>10}"
+        f"{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'GFLOP/s':>9}{'% peak':>8}{'x base':>8}{'p50 x':>7}"
+        f"{'cores':>6}{'other':>6}"
+    )
     print(header)
     print("-" * len(header))
     for c in cells:
         ratio = f"{c.ratio_to_baseline:.2f}" if c.ratio_to_baseline is not None else "-"
         lat = f"{c.latency_ratio_to_baseline:.2f}" if c.latency_ratio_to_baseline is not None else "-"
-        print(f"{c.workload:<11}{c.clients:>7} {c.server:<9}{c.requests:>5}{c.errors:>4}{c.pairs_per_s:>9.2f}"
-              f"{c.tokens_per_s:>10.0f}{c.p50_ms:>9.0f}{c.p95_ms:>9.0f}{c.p99_ms:>9.0f}"
-              f"{c.model_flops_per_s / 1e9:>9.0f}{100 * c.peak_fraction:>7.0f}%{ratio:>8}{lat:>7}"
-              f"{c.server_cores:>6.2f}{c.other_load_cores:>6.2f}")
-    print("pairs/s: documents scored per second; % peak: model FLOP/s over the matmul peak of the server's own "
-          "dtype;\nx base: pairs/s over the baseline's; p50 x: p50 latency over the baseline's; cores: CPU the "
-          "server used;\nother: CPU used meanwhile by processes outside the benchmark (other people's work), in cores."
-          )
+        print(
+            f"{c.workload:<11}{c.clients:>7} {c.server:<9}{c.requests:>5}{c.errors:>4}{c.pairs_per_s:>9.2f}"
+            f"{c.tokens_per_s:>10.0f}{c.p50_ms:>9.0f}{c.p95_ms:>9.0f}{c.p99_ms:>9.0f}"
+            f"{c.model_flops_per_s / 1e9:>9.0f}{100 * c.peak_fraction:>7.0f}%{ratio:>8}{lat:>7}"
+            f"{c.server_cores:>6.2f}{c.other_load_cores:>6.2f}"
+        )
+    print(
+        "pairs/s: documents scored per second; % peak: model FLOP/s over the matmul peak of the server's own "
+        "dtype;\nx base: pairs/s over the baseline's; p50 x: p50 latency over the baseline's; cores: CPU the "
+        "server used;\nother: CPU used meanwhile by processes outside the benchmark (other people's work), in cores."
+    )
 
 
 def plot(cells: list[Cell], path: Path) -> bool:

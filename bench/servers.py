@@ -19,26 +19,43 @@ from tests.utils import REPO_ROOT, ServerProcess, free_port, start_server, wait_
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def start_service(model_dir: Path, workdir: Path, *, device: str, workers: int, ready_timeout: float,
-                  settings: dict[str, str]) -> ServerProcess:
+def start_service(
+    model_dir: Path, workdir: Path, *, device: str, workers: int, ready_timeout: float, settings: dict[str, str]
+) -> ServerProcess:
     # Threads left to the service's own default (CPUs / workers), unlike the tests' one thread per worker.
     env = {"RERANKER_TORCH_THREADS": "0", "RERANKER_DEVICE": device, "RERANKER_ACCESS_LOG": "false", **settings}
     return start_server(model_dir, workdir, workers=workers, ready_timeout=ready_timeout, **env)
 
 
-def start_baseline(model_dir: Path, workdir: Path, *, device: str, handler: str,
-                   ready_timeout: float) -> ServerProcess:
+def start_baseline(model_dir: Path, workdir: Path, *, device: str, handler: str, ready_timeout: float) -> ServerProcess:
     port = free_port()
     log_path = workdir / f"baseline-{port}.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "bench.baseline_server", "--model-path", str(model_dir), "--port", str(port),
-             "--device", device, "--handler", handler],
-            cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "bench.baseline_server",
+                "--model-path",
+                str(model_dir),
+                "--port",
+                str(port),
+                "--device",
+                device,
+                "--handler",
+                handler,
+            ],
+            cwd=REPO_ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
     server = ServerProcess(process, f"http://127.0.0.1:{port}", log_path)
-    return wait_until_ready(server, lambda: httpx.get(f"{server.base_url}/health", timeout=2).status_code == 200,
-                            timeout=ready_timeout, name="baseline server")
+    return wait_until_ready(
+        server,
+        lambda: httpx.get(f"{server.base_url}/health", timeout=2).status_code == 200,
+        timeout=ready_timeout,
+        name="baseline server",
+    )
 
 
 def process_tree(pid: int) -> list[int]:

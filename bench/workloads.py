@@ -48,8 +48,9 @@ class Workload:
                 make_words(rng.randint(self.min_words, self.max_words), seed=rng.randrange(1 << 30))
                 for _ in range(self.documents)
             ]
-            out.append({"model": MODEL_NAME, "query": query, "documents": documents, "top_n": len(documents),
-                        **self.options})
+            out.append(
+                {"model": MODEL_NAME, "query": query, "documents": documents, "top_n": len(documents), **self.options}
+            )
         return out
 
 
@@ -61,8 +62,15 @@ WORKLOADS = {
         Workload("mixed64", "64 documents of 50-450 tokens", 64, 50, 450),
         Workload("gpu64", "64 documents of ~256 tokens (the GPU goal's setting)", 64, 235, 250),
         Workload("long", "16 documents of ~1500 tokens, truncated to 512", 16, 1450, 1550),
-        Workload("long-chunk", "the same 16 documents, max_chunks_per_doc=4, overlap_tokens=80", 16, 1450, 1550,
-                 options={"max_chunks_per_doc": 4, "overlap_tokens": 80}, baseline=False),
+        Workload(
+            "long-chunk",
+            "the same 16 documents, max_chunks_per_doc=4, overlap_tokens=80",
+            16,
+            1450,
+            1550,
+            options={"max_chunks_per_doc": 4, "overlap_tokens": 80},
+            baseline=False,
+        ),
     )
 }
 
@@ -92,8 +100,9 @@ def prepare(workload: Workload, count: int, encoder: PairEncoder, shape: ModelSh
         assert isinstance(documents, list)
         encoded = encoder.encode(str(body["query"]), documents, workload.policy())
         lengths = [len(pair) for pair in encoded.pairs]
-        costs.append(RequestCost(len(documents), len(lengths), sum(lengths),
-                                 sum(pair_flops(n, shape) for n in lengths)))
+        costs.append(
+            RequestCost(len(documents), len(lengths), sum(lengths), sum(pair_flops(n, shape) for n in lengths))
+        )
     return PreparedWorkload(workload, [json.dumps(body).encode() for body in bodies], costs)
 
 

@@ -95,9 +95,11 @@ class Soak:
             assert server.worker_pids() == pids, "a worker was replaced during the load"
             metrics = scrape(server.base_url)
             half = [s for t, s in samples if t >= duration / 2]
-            growth_second_half = {
-                pid: (half[-1][pid] - half[0][pid]) / max(1e-9, (duration / 2) / 60) for pid in pids
-            } if len(half) >= 2 else {}
+            growth_second_half = (
+                {pid: (half[-1][pid] - half[0][pid]) / max(1e-9, (duration / 2) / 60) for pid in pids}
+                if len(half) >= 2
+                else {}
+            )
             self.figures["load"] = {
                 "clients": self.args.clients,
                 "workers": self.args.workers,
@@ -166,15 +168,21 @@ class Soak:
                     killed_at = time.monotonic()
                     os.kill(victim, signal.SIGKILL)
                     replaced = wait_for(
-                        lambda victim=victim: victim not in server.worker_pids()
-                        and len(server.worker_pids()) == self.args.workers
-                        and metric(scrape(server.base_url), "reranker_ready_workers") == self.args.workers,
-                        timeout=120, interval=0.1, what="a ready replacement worker",
+                        lambda victim=victim: (
+                            victim not in server.worker_pids()
+                            and len(server.worker_pids()) == self.args.workers
+                            and metric(scrape(server.base_url), "reranker_ready_workers") == self.args.workers
+                        ),
+                        timeout=120,
+                        interval=0.1,
+                        what="a ready replacement worker",
                     )
                     kills.append({"pid": victim, "ready_again_s": round(replaced, 2), "at": killed_at})
                     time.sleep(1)
-                    log(f"kill {number + 1}: worker {victim} replaced and ready in {replaced:.1f}s; "
-                        f"{len(generator.result.failed()) - failed_before} requests failed")
+                    log(
+                        f"kill {number + 1}: worker {victim} replaced and ready in {replaced:.1f}s; "
+                        f"{len(generator.result.failed()) - failed_before} requests failed"
+                    )
                 time.sleep(5)
             finally:
                 result = generator.stop()
@@ -215,8 +223,14 @@ class Soak:
                         pool.submit(httpx.post, f"{server.base_url}/v1/rerank", json=body, timeout=120)
                         for body in background
                     ]
-                    wait_for(lambda start=docs_before: metric(scrape(server.base_url), "reranker_documents_total")
-                             - start >= 1600, timeout=60, interval=0.02, what="the backlog")
+                    wait_for(
+                        lambda start=docs_before: (
+                            metric(scrape(server.base_url), "reranker_documents_total") - start >= 1600
+                        ),
+                        timeout=60,
+                        interval=0.02,
+                        what="the backlog",
+                    )
                     with contextlib.suppress(httpx.TimeoutException):  # it leaves after 0.3 s, as meant
                         httpx.post(f"{server.base_url}/v1/rerank", json=leaver, timeout=0.3)
                     answers = [future.result() for future in futures]
@@ -225,12 +239,14 @@ class Soak:
                 )
                 time.sleep(0.3)
                 after = scrape(server.base_url)
-                rounds.append({
-                    "cancelled": metric(after, "reranker_pairs_cancelled_total")
-                    - metric(before, "reranker_pairs_cancelled_total"),
-                    "scored": metric(after, "reranker_pairs_scored_total")
-                    - metric(before, "reranker_pairs_scored_total"),
-                })
+                rounds.append(
+                    {
+                        "cancelled": metric(after, "reranker_pairs_cancelled_total")
+                        - metric(before, "reranker_pairs_cancelled_total"),
+                        "scored": metric(after, "reranker_pairs_scored_total")
+                        - metric(before, "reranker_pairs_scored_total"),
+                    }
+                )
             self.figures["disconnect"] = {
                 "leavers": len(rounds),
                 "pairs_per_leaver": 150,
@@ -252,7 +268,8 @@ class Soak:
             model.rename(self.work / "vanished")
             not_ready = wait_for(
                 lambda: all(httpx.get(f"{server.base_url}/ready", timeout=5).status_code == 503 for _ in range(4)),
-                timeout=30, what="/ready 503",
+                timeout=30,
+                what="/ready 503",
             )
             answers = [httpx.post(f"{server.base_url}/v1/rerank", json=bodies[0], timeout=10) for _ in range(20)]
             statuses = Counter(a.status_code for a in answers)
@@ -260,7 +277,8 @@ class Soak:
             (self.work / "vanished").rename(model)
             ready = wait_for(
                 lambda: all(httpx.get(f"{server.base_url}/ready", timeout=5).status_code == 200 for _ in range(4)),
-                timeout=30, what="/ready 200",
+                timeout=30,
+                what="/ready 200",
             )
             self.figures["vanish"] = {
                 "ready_503_after_s": round(not_ready, 2),
@@ -278,8 +296,9 @@ class Soak:
         server = self.server(RERANKER_MAX_BATCH_PAIRS="1", RERANKER_GRACEFUL_TIMEOUT=str(graceful))
         bodies = make_bodies(16, documents=(200, 200), doc_words=(20, 40), seed=3)
         expected = reference_scores(server.base_url, bodies)
-        queued, answers, signalled = sigterm_with_backlog(server.base_url, server.process, bodies, expected,
-                                                          accept_timeout=60, request_timeout=120)
+        queued, answers, signalled = sigterm_with_backlog(
+            server.base_url, server.process, bodies, expected, accept_timeout=60, request_timeout=120
+        )
         code = server.process.wait(graceful + 30)
         exited_s = time.monotonic() - signalled
         self.figures["term"] = {
@@ -306,8 +325,11 @@ def main() -> None:
     parser.add_argument("--leavers", type=int, default=3)
     parser.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES)}")
     parser.add_argument("--json", type=Path, help="also write the figures here")
-    parser.add_argument("--compile", action="store_true",
-                        help="leave RERANKER_TORCH_COMPILE at the service's default (eager otherwise: faster starts)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="leave RERANKER_TORCH_COMPILE at the service's default (eager otherwise: faster starts)",
+    )
     args = parser.parse_args()
     phases = [phase.strip() for phase in args.phases.split(",") if phase.strip()]
     unknown = set(phases) - set(PHASES)
@@ -341,12 +363,18 @@ def broken_promises(figures: dict[str, Any]) -> list[str]:
     if load and set(load["statuses"]) != {200}:
         problems.append(f"load: statuses {load['statuses']}")
     overload = figures.get("overload")
-    if overload and (set(overload["statuses"]) - {200, 429} or not overload["first_request_correct"]
-                     or any(not key.endswith(" 200") for key in overload["probes"])):
+    if overload and (
+        set(overload["statuses"]) - {200, 429}
+        or not overload["first_request_correct"]
+        or any(not key.endswith(" 200") for key in overload["probes"])
+    ):
         problems.append(f"overload: {overload}")
     kill = figures.get("kill")
-    if kill and (kill["failed_not_in_flight_at_a_kill"] or set(kill["statuses"]) - {200, "RemoteProtocolError",
-                 "ReadError", "ConnectError", "WriteError"} or kill["ready_workers_after"] != kill.get("workers", 2)):
+    if kill and (
+        kill["failed_not_in_flight_at_a_kill"]
+        or set(kill["statuses"]) - {200, "RemoteProtocolError", "ReadError", "ConnectError", "WriteError"}
+        or kill["ready_workers_after"] != kill.get("workers", 2)
+    ):
         problems.append(f"kill: {kill}")
     disconnect = figures.get("disconnect")
     if disconnect and any(c != disconnect["pairs_per_leaver"] for c in disconnect["pairs_cancelled"]):

@@ -32,7 +32,8 @@ step "Python environment ($VENV)"
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e '.[test,dev,bench]'
 export PATH="$PWD/$VENV/bin:$PATH"
 
-step "Lint (ruff)"
+step "Format and lint (ruff)"
+ruff format --check .
 ruff check .
 
 step "Types (mypy, strict, app/)"

@@ -44,8 +44,10 @@ _SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "ze", "pa", "qui",
 WORDS = sorted({a + b + c for a in _SYLLABLES for b in _SYLLABLES for c in ("", "n", "s")})[:2000]
 # Real text too, so probes and tests in plain English, with accents, CJK and emoji tokenise into known pieces.
 _EXTRA = [
-    "The quick brown fox jumps over the lazy dog.", "What's the weather? Is it sunny today?",
-    "Hello~ RAGFlower! Hi, there! Ohh, my friend!", "naïve café 東京 🙂 data 12345",
+    "The quick brown fox jumps over the lazy dog.",
+    "What's the weather? Is it sunny today?",
+    "Hello~ RAGFlower! Hi, there! Ohh, my friend!",
+    "naïve café 東京 🙂 data 12345",
     "What is a panda? The giant panda is a bear species endemic to China.",
     "which passage mentions the harbour; the harbour was busy, a short one.",
 ]
@@ -81,14 +83,29 @@ class Family:
 
 
 _XLMR_TOKENS = {
-    "bos_token": "<s>", "cls_token": "<s>", "eos_token": "</s>", "sep_token": "</s>", "pad_token": "<pad>",
+    "bos_token": "<s>",
+    "cls_token": "<s>",
+    "eos_token": "</s>",
+    "sep_token": "</s>",
+    "pad_token": "<pad>",
     "unk_token": "<unk>",
-    "mask_token": {"__type": "AddedToken", "content": "<mask>", "lstrip": True, "normalized": True,
-                   "rstrip": False, "single_word": False},
+    "mask_token": {
+        "__type": "AddedToken",
+        "content": "<mask>",
+        "lstrip": True,
+        "normalized": True,
+        "rstrip": False,
+        "single_word": False,
+    },
 }
 _XLMR_TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
-_BERT_TOKENS = {"cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]", "unk_token": "[UNK]",
-                "mask_token": "[MASK]"}
+_BERT_TOKENS = {
+    "cls_token": "[CLS]",
+    "sep_token": "[SEP]",
+    "pad_token": "[PAD]",
+    "unk_token": "[UNK]",
+    "mask_token": "[MASK]",
+}
 _BERT_TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
 
 
@@ -96,12 +113,26 @@ def _xlmr(positions: int, max_length: int, full: dict[str, int]) -> Family:
     return Family(
         model_type="xlm-roberta",
         tokenizer="xlmr-spm",
-        tokenizer_config={**_XLMR_TOKENS, "clean_up_tokenization_spaces": True, "model_max_length": max_length,
-                          "sp_model_kwargs": {}, "tokenizer_class": "XLMRobertaTokenizer"},
-        config=dict(architectures=["XLMRobertaForSequenceClassification"], max_position_embeddings=positions,
-                    type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2, layer_norm_eps=1e-5,
-                    num_labels=1, id2label={0: "LABEL_0"}, label2id={"LABEL_0": 0},
-                    position_embedding_type="absolute"),
+        tokenizer_config={
+            **_XLMR_TOKENS,
+            "clean_up_tokenization_spaces": True,
+            "model_max_length": max_length,
+            "sp_model_kwargs": {},
+            "tokenizer_class": "XLMRobertaTokenizer",
+        },
+        config=dict(
+            architectures=["XLMRobertaForSequenceClassification"],
+            max_position_embeddings=positions,
+            type_vocab_size=1,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+            layer_norm_eps=1e-5,
+            num_labels=1,
+            id2label={0: "LABEL_0"},
+            label2id={"LABEL_0": 0},
+            position_embedding_type="absolute",
+        ),
         tiny=_XLMR_TINY,
         full=dict(vocab_size=250002, **full),
     )
@@ -111,73 +142,147 @@ def _bert_like(model_type: str, architecture: str, tokenizer_class: str, full: d
     return Family(
         model_type=model_type,
         tokenizer="wordpiece",
-        tokenizer_config={**_BERT_TOKENS, "do_lower_case": True, "model_max_length": 512, "strip_accents": None,
-                          "tokenize_chinese_chars": True, "tokenizer_class": tokenizer_class,
-                          "clean_up_tokenization_spaces": True, "do_basic_tokenize": True, "never_split": None},
-        config=dict(architectures=[architecture], max_position_embeddings=512, type_vocab_size=2, pad_token_id=0,
-                    num_labels=1, id2label={0: "LABEL_0"}, label2id={"LABEL_0": 0}),
+        tokenizer_config={
+            **_BERT_TOKENS,
+            "do_lower_case": True,
+            "model_max_length": 512,
+            "strip_accents": None,
+            "tokenize_chinese_chars": True,
+            "tokenizer_class": tokenizer_class,
+            "clean_up_tokenization_spaces": True,
+            "do_basic_tokenize": True,
+            "never_split": None,
+        },
+        config=dict(
+            architectures=[architecture],
+            max_position_embeddings=512,
+            type_vocab_size=2,
+            pad_token_id=0,
+            num_labels=1,
+            id2label={0: "LABEL_0"},
+            label2id={"LABEL_0": 0},
+        ),
         tiny=_BERT_TINY,
         full=dict(vocab_size=30522, **full),
     )
 
 
 FAMILIES: dict[str, Family] = {
-    "bge-reranker-base": _xlmr(514, 512, dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                                              intermediate_size=3072)),
-    "bge-reranker-large": _xlmr(514, 512, dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-                                               intermediate_size=4096)),
-    "bge-reranker-v2-m3": _xlmr(8194, 8192, dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-                                                 intermediate_size=4096)),
-    "ms-marco-MiniLM-L-6-v2": _bert_like("bert", "BertForSequenceClassification", "BertTokenizer",
-                                         dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-                                              intermediate_size=1536)),
-    "ms-marco-TinyBERT-L-2-v2": _bert_like("bert", "BertForSequenceClassification", "BertTokenizer",
-                                           dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
-                                                intermediate_size=512)),
-    "ms-marco-electra-base": _bert_like("electra", "ElectraForSequenceClassification", "ElectraTokenizer",
-                                        dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                                             intermediate_size=3072)),
+    "bge-reranker-base": _xlmr(
+        514, 512, dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
+    ),
+    "bge-reranker-large": _xlmr(
+        514, 512, dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
+    ),
+    "bge-reranker-v2-m3": _xlmr(
+        8194, 8192, dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
+    ),
+    "ms-marco-MiniLM-L-6-v2": _bert_like(
+        "bert",
+        "BertForSequenceClassification",
+        "BertTokenizer",
+        dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
+    ),
+    "ms-marco-TinyBERT-L-2-v2": _bert_like(
+        "bert",
+        "BertForSequenceClassification",
+        "BertTokenizer",
+        dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512),
+    ),
+    "ms-marco-electra-base": _bert_like(
+        "electra",
+        "ElectraForSequenceClassification",
+        "ElectraTokenizer",
+        dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    ),
     "mxbai-rerank-base-v1": Family(
         model_type="deberta-v2",
         tokenizer="deberta-spm",
-        tokenizer_config={"bos_token": "[CLS]", "cls_token": "[CLS]", "eos_token": "[SEP]", "sep_token": "[SEP]",
-                          "pad_token": "[PAD]", "unk_token": "[UNK]", "mask_token": "[MASK]",
-                          "do_lower_case": False, "split_by_punct": False, "model_max_length": 512,
-                          "sp_model_kwargs": {}, "vocab_type": "spm", "clean_up_tokenization_spaces": True,
-                          "tokenizer_class": "DebertaV2Tokenizer"},
-        config=dict(architectures=["DebertaV2ForSequenceClassification"], max_position_embeddings=512,
-                    type_vocab_size=0, relative_attention=True, position_buckets=256, norm_rel_ebd="layer_norm",
-                    share_att_key=True, pos_att_type=["p2c", "c2p"], position_biased_input=False,
-                    max_relative_positions=-1, layer_norm_eps=1e-7, pad_token_id=0, num_labels=1,
-                    id2label={0: "LABEL_0"}, label2id={"LABEL_0": 0}),
+        tokenizer_config={
+            "bos_token": "[CLS]",
+            "cls_token": "[CLS]",
+            "eos_token": "[SEP]",
+            "sep_token": "[SEP]",
+            "pad_token": "[PAD]",
+            "unk_token": "[UNK]",
+            "mask_token": "[MASK]",
+            "do_lower_case": False,
+            "split_by_punct": False,
+            "model_max_length": 512,
+            "sp_model_kwargs": {},
+            "vocab_type": "spm",
+            "clean_up_tokenization_spaces": True,
+            "tokenizer_class": "DebertaV2Tokenizer",
+        },
+        config=dict(
+            architectures=["DebertaV2ForSequenceClassification"],
+            max_position_embeddings=512,
+            type_vocab_size=0,
+            relative_attention=True,
+            position_buckets=256,
+            norm_rel_ebd="layer_norm",
+            share_att_key=True,
+            pos_att_type=["p2c", "c2p"],
+            position_biased_input=False,
+            max_relative_positions=-1,
+            layer_norm_eps=1e-7,
+            pad_token_id=0,
+            num_labels=1,
+            id2label={0: "LABEL_0"},
+            label2id={"LABEL_0": 0},
+        ),
         tiny=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64),
-        full=dict(vocab_size=128100, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                  intermediate_size=3072),
+        full=dict(
+            vocab_size=128100, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072
+        ),
     ),
     "gte-reranker-modernbert-base": Family(
         model_type="modernbert",
         tokenizer="bpe",
-        tokenizer_config={"cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]", "unk_token": "[UNK]",
-                          "mask_token": "[MASK]", "model_max_length": 8192, "clean_up_tokenization_spaces": True,
-                          "model_input_names": ["input_ids", "attention_mask"],
-                          "tokenizer_class": "PreTrainedTokenizerFast"},
-        config=dict(architectures=["ModernBertForSequenceClassification"], max_position_embeddings=8192,
-                    classifier_pooling="mean", global_attn_every_n_layers=3, local_attention=128,
-                    num_labels=1, id2label={0: "LABEL_0"}, label2id={"LABEL_0": 0}),
+        tokenizer_config={
+            "cls_token": "[CLS]",
+            "sep_token": "[SEP]",
+            "pad_token": "[PAD]",
+            "unk_token": "[UNK]",
+            "mask_token": "[MASK]",
+            "model_max_length": 8192,
+            "clean_up_tokenization_spaces": True,
+            "model_input_names": ["input_ids", "attention_mask"],
+            "tokenizer_class": "PreTrainedTokenizerFast",
+        },
+        config=dict(
+            architectures=["ModernBertForSequenceClassification"],
+            max_position_embeddings=8192,
+            classifier_pooling="mean",
+            global_attn_every_n_layers=3,
+            local_attention=128,
+            num_labels=1,
+            id2label={0: "LABEL_0"},
+            label2id={"LABEL_0": 0},
+        ),
         tiny=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64),
-        full=dict(vocab_size=50368, hidden_size=768, num_hidden_layers=22, num_attention_heads=12,
-                  intermediate_size=1152),
+        full=dict(
+            vocab_size=50368, hidden_size=768, num_hidden_layers=22, num_attention_heads=12, intermediate_size=1152
+        ),
     ),
     "generic": Family(
         model_type="xlm-roberta",
         tokenizer="generic",
         tokenizer_config={},
-        config=dict(architectures=["XLMRobertaForSequenceClassification"], max_position_embeddings=514,
-                    type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2, layer_norm_eps=1e-5,
-                    num_labels=1),
+        config=dict(
+            architectures=["XLMRobertaForSequenceClassification"],
+            max_position_embeddings=514,
+            type_vocab_size=1,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+            layer_norm_eps=1e-5,
+            num_labels=1,
+        ),
         tiny=_XLMR_TINY,
-        full=dict(vocab_size=250002, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                  intermediate_size=3072),
+        full=dict(
+            vocab_size=250002, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072
+        ),
     ),
 }
 DEFAULT_FAMILY = "bge-reranker-base"
@@ -195,8 +300,14 @@ def _train_sentencepiece(**options: Any) -> Any:
     buffer = io.BytesIO()
     with open(os.devnull, "w") as quiet:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(_training_text()), model_writer=buffer, vocab_size=4000, model_type="unigram",
-            hard_vocab_limit=False, character_coverage=1.0, normalization_rule_name="nmt_nfkc", logstream=quiet,
+            sentence_iterator=iter(_training_text()),
+            model_writer=buffer,
+            vocab_size=4000,
+            model_type="unigram",
+            hard_vocab_limit=False,
+            character_coverage=1.0,
+            normalization_rule_name="nmt_nfkc",
+            logstream=quiet,
             **options,
         )
     proto = sentencepiece_model_pb2.ModelProto()
@@ -205,8 +316,15 @@ def _train_sentencepiece(**options: Any) -> Any:
 
 
 def _special(content: str, token_id: int, *, lstrip: bool = False) -> dict[str, Any]:
-    return {"id": token_id, "content": content, "single_word": False, "lstrip": lstrip, "rstrip": False,
-            "normalized": False, "special": True}
+    return {
+        "id": token_id,
+        "content": content,
+        "single_word": False,
+        "lstrip": lstrip,
+        "rstrip": False,
+        "normalized": False,
+        "special": True,
+    }
 
 
 def _xlmr_tokenizer(target: Path) -> int:
@@ -220,18 +338,20 @@ def _xlmr_tokenizer(target: Path) -> int:
     vocab += [(piece.piece, piece.score) for piece in proto.pieces[3:]]
     vocab.append(("<mask>", 0.0))
     tokenizer = Tokenizer(models.Unigram(vocab, unk_id=3, byte_fallback=False))
-    tokenizer.normalizer = normalizers.Sequence([
-        normalizers.Precompiled(proto.normalizer_spec.precompiled_charsmap),
-        normalizers.Replace(Regex(" {2,}"), " "),
-    ])
+    tokenizer.normalizer = normalizers.Sequence(
+        [
+            normalizers.Precompiled(proto.normalizer_spec.precompiled_charsmap),
+            normalizers.Replace(Regex(" {2,}"), " "),
+        ]
+    )
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
     tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
     tokenizer.post_processor = processors.TemplateProcessing(
         single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
     )
-    tokenizer.add_special_tokens([
-        AddedToken(token, special=True, normalized=False) for token in ("<s>", "<pad>", "</s>", "<unk>")
-    ])
+    tokenizer.add_special_tokens(
+        [AddedToken(token, special=True, normalized=False) for token in ("<s>", "<pad>", "</s>", "<unk>")]
+    )
     tokenizer.add_special_tokens([AddedToken("<mask>", special=True, normalized=False, lstrip=True)])
     tokenizer.save(str(target / "tokenizer.json"))
     return tokenizer.get_vocab_size()
@@ -241,27 +361,39 @@ def _deberta_tokenizer(target: Path) -> int:
     """spm.model + the tokenizer.json of DeBERTa-v2's converter: [CLS] A [SEP] B [SEP], type ids 0/1."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-    proto = _train_sentencepiece(pad_id=0, bos_id=1, eos_id=2, unk_id=3, pad_piece="[PAD]", bos_piece="[CLS]",
-                                 eos_piece="[SEP]", unk_piece="[UNK]")
+    proto = _train_sentencepiece(
+        pad_id=0,
+        bos_id=1,
+        eos_id=2,
+        unk_id=3,
+        pad_piece="[PAD]",
+        bos_piece="[CLS]",
+        eos_piece="[SEP]",
+        unk_piece="[UNK]",
+    )
     (target / "spm.model").write_bytes(proto.SerializeToString())
     vocab = [(piece.piece, piece.score) for piece in proto.pieces]
     mask_id = len(vocab)
     vocab.append(("[MASK]", 0.0))
     tokenizer = Tokenizer(models.Unigram(vocab, unk_id=3, byte_fallback=False))
-    tokenizer.normalizer = normalizers.Sequence([
-        normalizers.Replace("``", '"'), normalizers.Replace("''", '"'),
-        normalizers.Precompiled(proto.normalizer_spec.precompiled_charsmap),
-        normalizers.Replace(Regex(" {2,}"), " "),
-    ])
+    tokenizer.normalizer = normalizers.Sequence(
+        [
+            normalizers.Replace("``", '"'),
+            normalizers.Replace("''", '"'),
+            normalizers.Precompiled(proto.normalizer_spec.precompiled_charsmap),
+            normalizers.Replace(Regex(" {2,}"), " "),
+        ]
+    )
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
     tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
     tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS]:0 $A:0 [SEP]:0", pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
+        single="[CLS]:0 $A:0 [SEP]:0",
+        pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
         special_tokens=[("[CLS]", 1), ("[SEP]", 2)],
     )
-    tokenizer.add_special_tokens([
-        AddedToken(token, special=True, normalized=False) for token in ("[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]")
-    ])
+    tokenizer.add_special_tokens(
+        [AddedToken(token, special=True, normalized=False) for token in ("[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]")]
+    )
     tokenizer.save(str(target / "tokenizer.json"))
     (target / "added_tokens.json").write_text(json.dumps({"[MASK]": mask_id}))
     return tokenizer.get_vocab_size()
@@ -275,15 +407,17 @@ def _wordpiece_tokenizer(target: Path) -> int:
     # specials is all the loader sees, so a short prefix keeps it.
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
-    tokenizer.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
-                                                      strip_accents=None, lowercase=True)
+    tokenizer.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=True
+    )
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tokenizer.decoder = decoders.WordPiece(prefix="##")
     trainer = trainers.WordPieceTrainer(vocab_size=4000, special_tokens=specials, min_frequency=1)
     tokenizer.train_from_iterator(_training_text(), trainer=trainer)
     cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS]:0 $A:0 [SEP]:0", pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
+        single="[CLS]:0 $A:0 [SEP]:0",
+        pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
         special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
     )
     tokenizer.save(str(target / "tokenizer.json"))
@@ -299,16 +433,18 @@ def _bpe_tokenizer(target: Path) -> int:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=4000, min_frequency=1,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
+    trainer = trainers.BpeTrainer(
+        vocab_size=4000, min_frequency=1, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[]
+    )
     tokenizer.train_from_iterator(_training_text(), trainer=trainer)
-    tokenizer.add_special_tokens([
-        AddedToken(token, special=True, normalized=False) for token in ("[UNK]", "[CLS]", "[SEP]", "[PAD]")
-    ])
+    tokenizer.add_special_tokens(
+        [AddedToken(token, special=True, normalized=False) for token in ("[UNK]", "[CLS]", "[SEP]", "[PAD]")]
+    )
     tokenizer.add_special_tokens([AddedToken("[MASK]", special=True, normalized=False, lstrip=True)])
     cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS]:0 $A:0 [SEP]:0", pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
+        single="[CLS]:0 $A:0 [SEP]:0",
+        pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
         special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
     )
     tokenizer.save(str(target / "tokenizer.json"))
@@ -329,8 +465,15 @@ def _generic_tokenizer(target: Path) -> int:
     tokenizer.train_from_iterator(_training_text(), trainer=trainer)
     tokenizer.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
     wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", cls_token="<s>", sep_token="</s>",
-        pad_token="<pad>", unk_token="<unk>", mask_token="<mask>", model_max_length=512,
+        tokenizer_object=tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        cls_token="<s>",
+        sep_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        mask_token="<mask>",
+        model_max_length=512,
         model_input_names=["input_ids", "attention_mask"],
     )
     wrapped.save_pretrained(target)
@@ -338,8 +481,11 @@ def _generic_tokenizer(target: Path) -> int:
 
 
 _TOKENIZER_BUILDERS = {
-    "xlmr-spm": _xlmr_tokenizer, "deberta-spm": _deberta_tokenizer, "wordpiece": _wordpiece_tokenizer,
-    "bpe": _bpe_tokenizer, "generic": _generic_tokenizer,
+    "xlmr-spm": _xlmr_tokenizer,
+    "deberta-spm": _deberta_tokenizer,
+    "wordpiece": _wordpiece_tokenizer,
+    "bpe": _bpe_tokenizer,
+    "generic": _generic_tokenizer,
 }
 
 
@@ -361,9 +507,13 @@ def _model_config(family: Family, dims: dict[str, int]) -> Any:
     fields = {key: value for key, value in family.config.items() if key != "architectures"}
     if family.model_type == "modernbert":
         # ModernBERT's specials sit after the BPE merges; its config names their ids.
-        fields.update(pad_token_id=dims["vocab_size"] - 2, cls_token_id=dims["vocab_size"] - 4,
-                      sep_token_id=dims["vocab_size"] - 3, bos_token_id=dims["vocab_size"] - 4,
-                      eos_token_id=dims["vocab_size"] - 3)
+        fields.update(
+            pad_token_id=dims["vocab_size"] - 2,
+            cls_token_id=dims["vocab_size"] - 4,
+            sep_token_id=dims["vocab_size"] - 3,
+            bos_token_id=dims["vocab_size"] - 4,
+            eos_token_id=dims["vocab_size"] - 3,
+        )
     return AutoConfig.for_model(family.model_type, **dims, **fields)
 
 
@@ -392,8 +542,14 @@ def _calibrate_head(model: Any, target: Path, family: str) -> None:
         return
     tokenizer = AutoTokenizer.from_pretrained(target)
     queries, documents = corpus_sentences(32, seed=1), corpus_sentences(32, seed=2) + _EXTRA
-    batch = tokenizer(queries * 2, documents[:32] + (documents[32:] * 10)[:32], padding=True, truncation=True,
-                      max_length=128, return_tensors="pt")
+    batch = tokenizer(
+        queries * 2,
+        documents[:32] + (documents[32:] * 10)[:32],
+        padding=True,
+        truncation=True,
+        max_length=128,
+        return_tensors="pt",
+    )
     model.eval()
     with torch.no_grad():
         logits = model(**batch).logits[:, 0]
@@ -404,8 +560,9 @@ def _calibrate_head(model: Any, target: Path, family: str) -> None:
             last.bias.mul_(scale).sub_(float(logits.mean()) * scale)
 
 
-def build_cross_encoder(target: Path | str, *, shape: str = "tiny", family: str = DEFAULT_FAMILY,
-                        seed: int = 0) -> Path:
+def build_cross_encoder(
+    target: Path | str, *, shape: str = "tiny", family: str = DEFAULT_FAMILY, seed: int = 0
+) -> Path:
     """Write a loadable cross-encoder directory of ``family`` at ``target`` and return its path."""
     import torch
     from transformers import AutoModelForSequenceClassification

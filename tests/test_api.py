@@ -92,8 +92,7 @@ class TestStandardDialect:
 
     @pytest.mark.parametrize("flag", [True, "true", "True"])
     def test_return_documents_bool_or_xinference_string(self, client: TestClient, flag: Any) -> None:
-        body = {"model": "m", "query": QUERY, "documents": DOCUMENTS, "return_documents": flag,
-                "return_len": "true"}
+        body = {"model": "m", "query": QUERY, "documents": DOCUMENTS, "return_documents": flag, "return_len": "true"}
         results = client.post("/v1/rerank", json=body).json()["results"]
         assert [r["document"]["text"] for r in results] == [DOCUMENTS[i] for i in EXPECTED_ORDER]
 
@@ -120,13 +119,31 @@ class TestStandardDialect:
         assert results[-1]["relevance_score"] == pytest.approx(-2.0)
 
     def test_unknown_fields_and_any_model_name_are_accepted(self, client: TestClient) -> None:
-        body = {"model": "bge-reranker-base___OpenAI-API", "query": QUERY, "documents": DOCUMENTS,
-                "max_chunks_per_doc": 1024, "overlap_tokens": 80, "something_new": {"a": [1]}}
+        body = {
+            "model": "bge-reranker-base___OpenAI-API",
+            "query": QUERY,
+            "documents": DOCUMENTS,
+            "max_chunks_per_doc": 1024,
+            "overlap_tokens": 80,
+            "something_new": {"a": [1]},
+        }
         assert client.post("/v1/rerank", json=body).status_code == 200
 
     @pytest.mark.parametrize(
-        "path", ["/v1/rerank", "/v1/rerank/", "/rerank", "/rerank/", "/v2/rerank", "/v2/rerank/", "/v1", "/v1/",
-                 "/", "/v1/v1/rerank", "/v1/v1/rerank/"],
+        "path",
+        [
+            "/v1/rerank",
+            "/v1/rerank/",
+            "/rerank",
+            "/rerank/",
+            "/v2/rerank",
+            "/v2/rerank/",
+            "/v1",
+            "/v1/",
+            "/",
+            "/v1/v1/rerank",
+            "/v1/v1/rerank/",
+        ],
     )
     def test_every_rerank_path_and_trailing_slash(self, client: TestClient, path: str) -> None:
         response = client.post(path, json={"query": QUERY, "documents": DOCUMENTS}, follow_redirects=False)
@@ -155,8 +172,13 @@ class TestOtherDialects:
 
     @pytest.mark.parametrize("path", ["/v1/reranking", "/reranking", "/v1/reranking/", "/v1/ranking", "/ranking"])
     def test_nvidia_rankings(self, client: TestClient, path: str) -> None:
-        body = {"model": "nvidia/x", "query": {"text": QUERY}, "passages": [{"text": d} for d in DOCUMENTS],
-                "truncate": "END", "top_n": 3}
+        body = {
+            "model": "nvidia/x",
+            "query": {"text": QUERY},
+            "passages": [{"text": d} for d in DOCUMENTS],
+            "truncate": "END",
+            "top_n": 3,
+        }
         data = client.post(path, json=body).json()
         assert [r["index"] for r in data["rankings"]] == EXPECTED_ORDER[:3]
         assert data["rankings"][0]["logit"] == pytest.approx(2.0)
@@ -210,14 +232,18 @@ class TestErrors:
             ("[" * 50_000 + "]" * 50_000, 400, "body", ""),
         ],
     )
-    def test_bad_bodies_get_a_4xx_envelope(self, client: TestClient, body: str, status: int, param: str,
-                                           contains: str) -> None:
+    def test_bad_bodies_get_a_4xx_envelope(
+        self, client: TestClient, body: str, status: int, param: str, contains: str
+    ) -> None:
         response = client.post("/v1/rerank", content=body, headers={"content-type": "application/json"})
         assert_error(response, status, param, contains)
 
     def test_invalid_utf8_is_a_400(self, client: TestClient) -> None:
-        response = client.post("/v1/rerank", content=b'{"query": "\xff\xfe", "documents": ["a"]}',
-                               headers={"content-type": "application/json"})
+        response = client.post(
+            "/v1/rerank",
+            content=b'{"query": "\xff\xfe", "documents": ["a"]}',
+            headers={"content-type": "application/json"},
+        )
         assert_error(response, 400, "body")
 
     def test_too_many_documents_is_413_naming_the_limit(self, make_client: Any) -> None:
@@ -282,8 +308,12 @@ class TestApiKey:
     def test_key_required_everywhere_but_health_ready_metrics(self, make_client: Any) -> None:
         client = make_client(api_key="s3cret")
         body = {"query": QUERY, "documents": DOCUMENTS}
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Bearer "},
-                        {"Authorization": "Basic s3cret"}):
+        for headers in (
+            {},
+            {"Authorization": "Bearer wrong"},
+            {"Authorization": "Bearer "},
+            {"Authorization": "Basic s3cret"},
+        ):
             response = client.post("/v1/rerank", json=body, headers=headers)
             assert_error(response, 401, "authorization")
             assert response.headers["www-authenticate"].startswith("Bearer")
@@ -300,14 +330,16 @@ class TestApiKey:
 
     @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer x"}, {"Authorization": "Bearer "}])
     def test_without_a_key_any_header_is_accepted(self, client: TestClient, headers: dict[str, str]) -> None:
-        assert client.post("/v1/rerank", json={"query": QUERY, "documents": DOCUMENTS},
-                           headers=headers).status_code == 200
+        assert (
+            client.post("/v1/rerank", json={"query": QUERY, "documents": DOCUMENTS}, headers=headers).status_code == 200
+        )
 
 
 class TestRequestIdAndLogs:
     def test_request_id_is_honoured_and_returned(self, client: TestClient) -> None:
-        response = client.post("/v1/rerank", json={"query": QUERY, "documents": DOCUMENTS},
-                               headers={"X-Request-ID": "abc-123"})
+        response = client.post(
+            "/v1/rerank", json={"query": QUERY, "documents": DOCUMENTS}, headers={"X-Request-ID": "abc-123"}
+        )
         assert response.headers["x-request-id"] == "abc-123"
         assert response.json()["id"] == "abc-123"
 
@@ -315,11 +347,13 @@ class TestRequestIdAndLogs:
         response = client.get("/health", headers={"X-Request-ID": "bad id\twith spaces" * 20})
         assert len(response.headers["x-request-id"]) == 32
 
-    def test_one_access_line_without_document_text(self, client: TestClient,
-                                                   caplog: pytest.LogCaptureFixture) -> None:
+    def test_one_access_line_without_document_text(self, client: TestClient, caplog: pytest.LogCaptureFixture) -> None:
         caplog.set_level("INFO", logger="app.access")
-        client.post("/v1/rerank", json={"query": "secret query words", "documents": ["confidential text"]},
-                    headers={"X-Request-ID": "log-check"})
+        client.post(
+            "/v1/rerank",
+            json={"query": "secret query words", "documents": ["confidential text"]},
+            headers={"X-Request-ID": "log-check"},
+        )
         lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "app.access"]
         assert len(lines) == 1
         line = lines[0]
@@ -351,8 +385,9 @@ class TestLongDocuments:
         truncated = client.post("/v1/rerank", json={"query": QUERY, "documents": documents}).json()
         assert [r["index"] for r in truncated["results"]] == [1, 0]
         assert "chunk" not in truncated["results"][1]
-        chunked = client.post("/v1/rerank", json={"query": QUERY, "documents": documents,
-                                                  "max_chunks_per_doc": 10, "overlap_tokens": 4}).json()
+        chunked = client.post(
+            "/v1/rerank", json={"query": QUERY, "documents": documents, "max_chunks_per_doc": 10, "overlap_tokens": 4}
+        ).json()
         assert [r["index"] for r in chunked["results"]] == [0, 1]
         best = chunked["results"][0]
         assert best["relevance_score"] == pytest.approx(sigmoid(2.0))
@@ -377,8 +412,9 @@ class TestLongDocuments:
 
     def test_short_documents_are_unchanged_by_chunking(self, client: TestClient) -> None:
         plain = client.post("/v1/rerank", json={"query": QUERY, "documents": DOCUMENTS}).json()["results"]
-        chunked = client.post("/v1/rerank", json={"query": QUERY, "documents": DOCUMENTS,
-                                                  "max_chunks_per_doc": 8, "overlap_tokens": 80}).json()["results"]
+        chunked = client.post(
+            "/v1/rerank", json={"query": QUERY, "documents": DOCUMENTS, "max_chunks_per_doc": 8, "overlap_tokens": 80}
+        ).json()["results"]
         assert plain == chunked
 
     def test_too_many_windows_is_a_413(self, make_client: Any) -> None:

@@ -10,8 +10,9 @@ from app.engine.cuda_graphs import GRAPH_MAX_TOKENS, CudaGraphs
 
 
 def planned(max_length: int = 512, max_batch_pairs: int = 256) -> CudaGraphs:
-    graphs = CudaGraphs(None, torch.device("cpu"), max_length=max_length, max_batch_pairs=max_batch_pairs,
-                        pad_id=1, uses_type_ids=False)
+    graphs = CudaGraphs(
+        None, torch.device("cpu"), max_length=max_length, max_batch_pairs=max_batch_pairs, pad_id=1, uses_type_ids=False
+    )
     captured: Any = dict.fromkeys(graphs.shapes)  # what capture() would fill, shape by shape
     graphs._graphs = captured
     return graphs

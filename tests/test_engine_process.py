@@ -25,8 +25,11 @@ from tests.utils import REPO_ROOT
 
 class TestWire:
     def test_pairs_survive_the_trip_as_numpy_views(self) -> None:
-        pairs = [EncodedPair([0, 5, 6, 2], [0, 0, 1, 1]), EncodedPair([0, 70_000, 2], [0, 0, 0]),
-                 EncodedPair([0] * 300, [1] * 300)]
+        pairs = [
+            EncodedPair([0, 5, 6, 2], [0, 0, 1, 1]),
+            EncodedPair([0, 70_000, 2], [0, 0, 0]),
+            EncodedPair([0] * 300, [1] * 300),
+        ]
         body = encode_pairs(pairs)
         assert len(body) == 4 * 3 + 5 * (4 + 3 + 300)  # int32 lengths, int32 ids, int8 types
         back = decode_pairs(body, 3)
@@ -48,8 +51,7 @@ class TestPlan:
     def settings(self, tmp_path: Path, **overrides: object) -> Settings:
         from tests.utils import fake_model_dir
 
-        return Settings(model_path=fake_model_dir(tmp_path / "model"), engine_socket_dir=tmp_path / "s",
-                        **overrides)  # type: ignore[arg-type]
+        return Settings(model_path=fake_model_dir(tmp_path / "model"), engine_socket_dir=tmp_path / "s", **overrides)  # type: ignore[arg-type]
 
     def test_cpu_defaults_to_inline_and_process_can_be_forced(self, tmp_path: Path) -> None:
         assert visible_gpus() == []  # this machine: no NVIDIA devices, and torch is never started to ask
@@ -73,12 +75,18 @@ class TestPlan:
 
 
 def start_engine(model_dir: Path, socket_path: Path, **settings: str) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "RERANKER_MODEL_PATH": str(model_dir), "RERANKER_BACKEND": "simulated",
-           "RERANKER_SIMULATED_TOKEN_US": "20", **settings}
+    env = {
+        **os.environ,
+        "RERANKER_MODEL_PATH": str(model_dir),
+        "RERANKER_BACKEND": "simulated",
+        "RERANKER_SIMULATED_TOKEN_US": "20",
+        **settings,
+    }
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     env.pop(ENGINE_SOCKETS_ENV, None)
-    return subprocess.Popen([sys.executable, "-m", "app.engine.process", "--socket", str(socket_path)],
-                            cwd=REPO_ROOT, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "app.engine.process", "--socket", str(socket_path)], cwd=REPO_ROOT, env=env
+    )
 
 
 @pytest.fixture
@@ -91,16 +99,15 @@ def engine(tiny_model_dir: Path, tmp_path: Path) -> Iterator[Path]:
     assert not socket_path.exists()
 
 
-async def test_a_worker_gets_the_devices_answers_and_can_withdraw_a_request(
-    engine: Path, tiny_model_dir: Path
-) -> None:
+async def test_a_worker_gets_the_devices_answers_and_can_withdraw_a_request(engine: Path, tiny_model_dir: Path) -> None:
     settings = Settings(model_path=tiny_model_dir, backend="simulated")  # type: ignore[arg-type]
     device = SimulatedDevice(settings)
     client = EngineClient([engine], encoder=device.encoder, max_queue_pairs=100)
     await client.start(timeout_s=60)
     try:
-        requests = [device.encoder.encode(f"query {n}", [f"document {i} " * (n + i) for i in range(5)]).pairs
-                    for n in range(6)]
+        requests = [
+            device.encoder.encode(f"query {n}", [f"document {i} " * (n + i) for i in range(5)]).pairs for n in range(6)
+        ]
         answers = await asyncio.gather(*(client.score(encode_pairs(pairs), len(pairs)) for pairs in requests))
         assert answers == [device.forward(pairs) for pairs in requests]
         assert await client.check_health() is None

@@ -39,9 +39,7 @@ def bf16_settings(model_dir: Path, compile_mode: str) -> Settings:
     return Settings(model_path=model_dir, dtype="bfloat16", torch_compile=compile_mode, torch_threads=1)  # type: ignore[arg-type]
 
 
-def test_auto_falls_back_to_eager_when_compiling_fails(
-    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_auto_falls_back_to_eager_when_compiling_fails(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch, "compile", failing_compile)
     backend = TorchBackend(bf16_settings(tiny_model_dir, "auto"))
     backend.warm_up()

@@ -24,7 +24,9 @@ pytestmark = [
 TOLERANCE = 0.01
 QUERY = make_words(10, seed=21)
 DOCUMENTS = [make_words(n, seed=100 + n) for n in (3, 20, 60, 120, 250, 400, 700)] + [
-    "The giant panda is a bear species endemic to China.", "naïve café 東京 🙂 data 12345"]
+    "The giant panda is a bear species endemic to China.",
+    "naïve café 東京 🙂 data 12345",
+]
 
 
 @pytest.fixture(scope="module")
@@ -40,20 +42,34 @@ def test_cuda_scores_within_tolerance_of_float32(family: str, dtype: str, family
 
     model_dir = family_dirs[family]
     # CUDA graphs on for the default precision (what serving runs); test_cuda_graphs_... compares them with eager.
-    backend = TorchBackend(Settings(model_path=model_dir, device="cuda", dtype=dtype,  # type: ignore[arg-type]
-                                    cuda_graphs=dtype == "auto"))
+    backend = TorchBackend(
+        Settings(
+            model_path=model_dir,
+            device="cuda",
+            dtype=dtype,  # type: ignore[arg-type]
+            cuda_graphs=dtype == "auto",
+        )
+    )
     backend.warm_up()
     assert backend.describe()["device"].startswith("cuda")
     assert backend.describe()["dtype"] == ("float16" if dtype == "auto" else "bfloat16")
-    reference = np.asarray(CrossEncoder(str(model_dir), device="cpu", max_length=512).predict(
-        [(QUERY, document) for document in DOCUMENTS]), dtype=np.float64)
+    reference = np.asarray(
+        CrossEncoder(str(model_dir), device="cpu", max_length=512).predict(
+            [(QUERY, document) for document in DOCUMENTS]
+        ),
+        dtype=np.float64,
+    )
     pairs = backend.encoder.encode(QUERY, DOCUMENTS).pairs
     batched = 1 / (1 + np.exp(-np.asarray(backend.forward(pairs), dtype=np.float64)))  # one padded batch
     alone = 1 / (1 + np.exp(-np.asarray([backend.forward([pair])[0] for pair in pairs], dtype=np.float64)))
     for scores in (batched, alone):
         assert float(np.abs(scores - reference).max()) <= TOLERANCE
-        separated = [(i, j) for i in range(len(scores)) for j in range(len(scores))
-                     if reference[i] - reference[j] > 2 * TOLERANCE]
+        separated = [
+            (i, j)
+            for i in range(len(scores))
+            for j in range(len(scores))
+            if reference[i] - reference[j] > 2 * TOLERANCE
+        ]
         assert [(i, j) for i, j in separated if scores[i] <= scores[j]] == []
 
 

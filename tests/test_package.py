@@ -29,22 +29,37 @@ def test_pip_install_then_the_console_script_serves(tiny_model_dir: Path, tmp_pa
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = venv / "bin" / "python"
-    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                             check=True, capture_output=True, text=True).stdout.strip()
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     (Path(purelib) / "test-dependencies.pth").write_text("\n".join(site.getsitepackages()) + "\n")
-    install = subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                              str(REPO_ROOT)], capture_output=True, text=True, cwd=tmp_path)
+    install = subprocess.run(
+        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", str(REPO_ROOT)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert install.returncode == 0, install.stdout + install.stderr
     script = venv / "bin" / "reranker"
     assert script.is_file()
-    where = subprocess.run([str(python), "-c", "import app; print(app.__file__)"], cwd=tmp_path,
-                           capture_output=True, text=True, check=True).stdout
+    where = subprocess.run(
+        [str(python), "-c", "import app; print(app.__file__)"], cwd=tmp_path, capture_output=True, text=True, check=True
+    ).stdout
     assert where.startswith(purelib), where  # the installed copy, not the checkout
 
     port = free_port()
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env.update(RERANKER_MODEL_PATH=str(tiny_model_dir), RERANKER_HOST="127.0.0.1", RERANKER_PORT=str(port),
-               WEB_CONCURRENCY="1", RERANKER_TORCH_THREADS="1", PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "metrics"))
+    env.update(
+        RERANKER_MODEL_PATH=str(tiny_model_dir),
+        RERANKER_HOST="127.0.0.1",
+        RERANKER_PORT=str(port),
+        WEB_CONCURRENCY="1",
+        RERANKER_TORCH_THREADS="1",
+        PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "metrics"),
+    )
     log = tmp_path / "server.log"
     with log.open("wb") as out:
         server = subprocess.Popen([str(script)], cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -57,8 +72,11 @@ def test_pip_install_then_the_console_script_serves(tiny_model_dir: Path, tmp_pa
             except httpx.HTTPError:
                 time.sleep(0.3)
         assert ready, log.read_text(errors="replace")
-        answer = httpx.post(f"http://127.0.0.1:{port}/v1/rerank", timeout=30,
-                            json={"query": "What is a panda?", "documents": ["hi", "The giant panda is a bear."]})
+        answer = httpx.post(
+            f"http://127.0.0.1:{port}/v1/rerank",
+            timeout=30,
+            json={"query": "What is a panda?", "documents": ["hi", "The giant panda is a bear."]},
+        )
         assert answer.status_code == 200 and len(answer.json()["results"]) == 2
     finally:
         server.send_signal(signal.SIGTERM)

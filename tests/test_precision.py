@@ -99,9 +99,7 @@ def test_scores_stay_within_tolerance_of_float32(service_scores: np.ndarray, flo
     assert worst <= TOLERANCE, f"max |score - float32 score| = {worst:.4f}"
 
 
-def test_clearly_separated_documents_rank_identically(
-    service_scores: np.ndarray, float32_scores: np.ndarray
-) -> None:
+def test_clearly_separated_documents_rank_identically(service_scores: np.ndarray, float32_scores: np.ndarray) -> None:
     # Every pair float32 separates keeps its order...
     n = len(float32_scores)
     separated = [(i, j) for i in range(n) for j in range(n) if float32_scores[i] - float32_scores[j] > SEPARATED]

@@ -107,8 +107,9 @@ async def test_family_scores_the_same_batched_with_other_requests(family: str, f
     service = RerankService(settings, lambda: TorchBackend(settings))
     await service.start()
     try:
-        requests = [(f"{QUERY} {make_words(n, seed=n)}", [*DOCUMENTS[n % 3 :], make_words(5 + 9 * n, seed=n)])
-                    for n in range(6)]
+        requests = [
+            (f"{QUERY} {make_words(n, seed=n)}", [*DOCUMENTS[n % 3 :], make_words(5 + 9 * n, seed=n)]) for n in range(6)
+        ]
         outcomes = await asyncio.gather(*(service.rerank(query, documents) for query, documents in requests))
     finally:
         await service.stop()
@@ -194,7 +195,8 @@ def edited_copy(source: Path, target: Path, **config_changes: Any) -> Path:
 
 def test_remote_code_model_is_refused(family_dirs: dict[str, Path], tmp_path: Path) -> None:
     model_dir = edited_copy(
-        family_dirs["bge-reranker-base"], tmp_path / "remote",
+        family_dirs["bge-reranker-base"],
+        tmp_path / "remote",
         architectures=["NewForSequenceClassification"],
         auto_map={"AutoModelForSequenceClassification": "modeling.NewForSequenceClassification"},
     )
@@ -212,8 +214,12 @@ def test_embedding_model_is_refused(family_dirs: dict[str, Path], tmp_path: Path
 
 
 def test_unknown_architecture_is_refused(family_dirs: dict[str, Path], tmp_path: Path) -> None:
-    model_dir = edited_copy(family_dirs["bge-reranker-base"], tmp_path / "unknown",
-                            architectures=["FancyForSequenceClassification"], model_type="fancy")
+    model_dir = edited_copy(
+        family_dirs["bge-reranker-base"],
+        tmp_path / "unknown",
+        architectures=["FancyForSequenceClassification"],
+        model_type="fancy",
+    )
     with pytest.raises(ModelLoadError, match=f"{model_dir} is FancyForSequenceClassification .* does not implement"):
         inspect_model_dir(model_dir)
 
@@ -239,8 +245,12 @@ def test_learnt_templates_are_the_published_layouts(family_dirs: dict[str, Path]
         encoder, _, tokenizer = open_model_dir(family_dirs[family], max_length=512, max_query_share=0.5)
         t = encoder.template
         pair = t.build([10], [11])
-        return (tokenizer.convert_ids_to_tokens(list(t.prefix)), tokenizer.convert_ids_to_tokens(list(t.middle)),
-                tokenizer.convert_ids_to_tokens(list(t.suffix)), tuple(pair.type_ids))
+        return (
+            tokenizer.convert_ids_to_tokens(list(t.prefix)),
+            tokenizer.convert_ids_to_tokens(list(t.middle)),
+            tokenizer.convert_ids_to_tokens(list(t.suffix)),
+            tuple(pair.type_ids),
+        )
 
     assert layout("bge-reranker-base") == (["<s>"], ["</s>", "</s>"], ["</s>"], (0, 0, 0, 0, 0, 0))
     assert layout("ms-marco-MiniLM-L-6-v2") == (["[CLS]"], ["[SEP]"], ["[SEP]"], (0, 0, 0, 1, 1))
@@ -271,8 +281,13 @@ def test_unreadable_weights_say_permission_denied_and_the_uid(
         "import os; from pathlib import Path; from app.engine.model_dir import check_files; "
         f"os.setgid(65534); os.setuid(65534); check_files(Path({str(model_dir)!r}))"
     )
-    result = subprocess.run([sys.executable, "-c", check], cwd=REPO_ROOT, capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    result = subprocess.run(
+        [sys.executable, "-c", check],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
     assert "permission denied reading model.safetensors" in last and "as uid 65534" in last, result.stderr
@@ -282,8 +297,13 @@ def test_unreadable_weights_say_permission_denied_and_the_uid(
         "import os; from pathlib import Path; from app.config import model_dir_problem; "
         f"os.setgid(65534); os.setuid(65534); print(model_dir_problem(Path({str(model_dir)!r})))"
     )
-    problem = subprocess.run([sys.executable, "-c", cheap], cwd=REPO_ROOT, capture_output=True, text=True,
-                             env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}).stdout
+    problem = subprocess.run(
+        [sys.executable, "-c", cheap],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    ).stdout
     assert "permission denied reading model.safetensors" in problem and "as uid 65534" in problem, problem
 
 

@@ -30,54 +30,179 @@ DOCS = ["Is it sunny today?", make_words(40, seed=1), make_words(120, seed=2), "
 FERN = {"X-Fern-Language": "Python", "X-Fern-SDK-Name": "cohere", "X-Fern-SDK-Version": "5.6.2"}
 BEARER = {"Authorization": "Bearer x"}
 SHAPES: list[tuple[str, str, dict[str, str], dict[str, Any], str]] = [
-    ("ragflow-openai-compatible-v0.24", "/v1/rerank", BEARER,
-     {"model": "bge-reranker-base-local", "query": QUERY, "documents": DOCS, "top_n": len(DOCS)}, "results"),
-    ("ragflow-openai-compatible-v0.13", "/rerank", {"Authorization": "Bearer "},
-     {"model": "bge-reranker-base-local___OpenAI-API", "query": QUERY, "documents": DOCS, "top_n": len(DOCS)},
-     "results"),
-    ("ragflow-localai", "/rerank", {}, {"model": "m", "query": QUERY, "documents": DOCS, "top_n": len(DOCS)},
-     "results"),
-    ("ragflow-base-url-with-rerank-v1", "/v1", BEARER,
-     {"model": "m", "query": QUERY, "documents": DOCS, "top_n": len(DOCS)}, "results"),
-    ("ragflow-base-url-with-rerank-root", "/", BEARER,
-     {"model": "m", "query": QUERY, "documents": DOCS, "top_n": len(DOCS)}, "results"),
-    ("ragflow-huggingface-tei", "/v1/rerank", {},
-     {"query": QUERY, "texts": DOCS[:8], "raw_scores": False, "truncate": True}, "tei"),
-    ("ragflow-xinference", "/v1/rerank", BEARER,
-     {"model": "m", "query": QUERY, "documents": DOCS, "return_documents": "true", "return_len": "true"},
-     "results"),
-    ("ragflow-vllm-cohere-sdk", "/v1/rerank", {**BEARER, **FERN},
-     {"model": "m", "query": QUERY, "documents": DOCS, "top_n": 3, "return_documents": False}, "results"),
-    ("ragflow-gpustack", "/v1/v1/rerank", BEARER, {"model": "m", "query": QUERY, "documents": DOCS, "top_n": 5},
-     "results"),
-    ("ragflow-nvidia-v0.27", "/v1/reranking", BEARER,
-     {"model": "m", "query": {"text": QUERY}, "passages": [{"text": d} for d in DOCS], "truncate": "END",
-      "top_n": 5}, "nvidia"),
-    ("ragflow-nvidia-v0.26", "/reranking", BEARER,
-     {"model": "m", "query": {"text": QUERY}, "passages": [{"text": d} for d in DOCS], "truncate": "END",
-      "top_n": 5}, "nvidia"),
-    ("ragflow-nvidia-go-server", "/v1/ranking", BEARER,
-     {"model": "m", "query": {"text": QUERY}, "passages": [{"text": d} for d in DOCS], "truncate": "END",
-      "top_n": 5}, "nvidia"),
-    ("ragflow-nvidia-go-server-no-v1", "/ranking", BEARER,
-     {"model": "m", "query": {"text": QUERY}, "passages": [{"text": d} for d in DOCS], "truncate": "END",
-      "top_n": 5}, "nvidia"),
-    ("ragflow-siliconflow", "/v1/rerank", BEARER,
-     {"model": "m", "query": QUERY, "documents": DOCS, "top_n": 5, "return_documents": False,
-      "max_chunks_per_doc": 1024, "overlap_tokens": 80}, "results"),
+    (
+        "ragflow-openai-compatible-v0.24",
+        "/v1/rerank",
+        BEARER,
+        {"model": "bge-reranker-base-local", "query": QUERY, "documents": DOCS, "top_n": len(DOCS)},
+        "results",
+    ),
+    (
+        "ragflow-openai-compatible-v0.13",
+        "/rerank",
+        {"Authorization": "Bearer "},
+        {"model": "bge-reranker-base-local___OpenAI-API", "query": QUERY, "documents": DOCS, "top_n": len(DOCS)},
+        "results",
+    ),
+    (
+        "ragflow-localai",
+        "/rerank",
+        {},
+        {"model": "m", "query": QUERY, "documents": DOCS, "top_n": len(DOCS)},
+        "results",
+    ),
+    (
+        "ragflow-base-url-with-rerank-v1",
+        "/v1",
+        BEARER,
+        {"model": "m", "query": QUERY, "documents": DOCS, "top_n": len(DOCS)},
+        "results",
+    ),
+    (
+        "ragflow-base-url-with-rerank-root",
+        "/",
+        BEARER,
+        {"model": "m", "query": QUERY, "documents": DOCS, "top_n": len(DOCS)},
+        "results",
+    ),
+    (
+        "ragflow-huggingface-tei",
+        "/v1/rerank",
+        {},
+        {"query": QUERY, "texts": DOCS[:8], "raw_scores": False, "truncate": True},
+        "tei",
+    ),
+    (
+        "ragflow-xinference",
+        "/v1/rerank",
+        BEARER,
+        {"model": "m", "query": QUERY, "documents": DOCS, "return_documents": "true", "return_len": "true"},
+        "results",
+    ),
+    (
+        "ragflow-vllm-cohere-sdk",
+        "/v1/rerank",
+        {**BEARER, **FERN},
+        {"model": "m", "query": QUERY, "documents": DOCS, "top_n": 3, "return_documents": False},
+        "results",
+    ),
+    (
+        "ragflow-gpustack",
+        "/v1/v1/rerank",
+        BEARER,
+        {"model": "m", "query": QUERY, "documents": DOCS, "top_n": 5},
+        "results",
+    ),
+    (
+        "ragflow-nvidia-v0.27",
+        "/v1/reranking",
+        BEARER,
+        {
+            "model": "m",
+            "query": {"text": QUERY},
+            "passages": [{"text": d} for d in DOCS],
+            "truncate": "END",
+            "top_n": 5,
+        },
+        "nvidia",
+    ),
+    (
+        "ragflow-nvidia-v0.26",
+        "/reranking",
+        BEARER,
+        {
+            "model": "m",
+            "query": {"text": QUERY},
+            "passages": [{"text": d} for d in DOCS],
+            "truncate": "END",
+            "top_n": 5,
+        },
+        "nvidia",
+    ),
+    (
+        "ragflow-nvidia-go-server",
+        "/v1/ranking",
+        BEARER,
+        {
+            "model": "m",
+            "query": {"text": QUERY},
+            "passages": [{"text": d} for d in DOCS],
+            "truncate": "END",
+            "top_n": 5,
+        },
+        "nvidia",
+    ),
+    (
+        "ragflow-nvidia-go-server-no-v1",
+        "/ranking",
+        BEARER,
+        {
+            "model": "m",
+            "query": {"text": QUERY},
+            "passages": [{"text": d} for d in DOCS],
+            "truncate": "END",
+            "top_n": 5,
+        },
+        "nvidia",
+    ),
+    (
+        "ragflow-siliconflow",
+        "/v1/rerank",
+        BEARER,
+        {
+            "model": "m",
+            "query": QUERY,
+            "documents": DOCS,
+            "top_n": 5,
+            "return_documents": False,
+            "max_chunks_per_doc": 1024,
+            "overlap_tokens": 80,
+        },
+        "results",
+    ),
     ("ragflow-jina", "/v1/rerank", BEARER, {"model": "m", "query": QUERY, "documents": DOCS, "top_n": 5}, "results"),
-    ("cohere-v1-objects", "/v1/rerank", BEARER,
-     {"model": "m", "query": QUERY, "documents": [{"text": d} for d in DOCS], "top_n": 2,
-      "return_documents": True, "max_chunks_per_doc": 10}, "results"),
-    ("cohere-v2", "/v2/rerank", BEARER,
-     {"model": "m", "query": QUERY, "documents": DOCS, "top_n": 3, "max_tokens_per_doc": 4096}, "results"),
-    ("jina-objects", "/v1/rerank", BEARER,
-     {"model": "m", "query": QUERY, "documents": [{"text": d} for d in DOCS], "return_documents": True}, "results"),
+    (
+        "cohere-v1-objects",
+        "/v1/rerank",
+        BEARER,
+        {
+            "model": "m",
+            "query": QUERY,
+            "documents": [{"text": d} for d in DOCS],
+            "top_n": 2,
+            "return_documents": True,
+            "max_chunks_per_doc": 10,
+        },
+        "results",
+    ),
+    (
+        "cohere-v2",
+        "/v2/rerank",
+        BEARER,
+        {"model": "m", "query": QUERY, "documents": DOCS, "top_n": 3, "max_tokens_per_doc": 4096},
+        "results",
+    ),
+    (
+        "jina-objects",
+        "/v1/rerank",
+        BEARER,
+        {"model": "m", "query": QUERY, "documents": [{"text": d} for d in DOCS], "return_documents": True},
+        "results",
+    ),
     ("tei-native", "/rerank", {}, {"query": QUERY, "texts": DOCS, "raw_scores": True, "return_text": True}, "tei"),
     ("vllm", "/v1/rerank", BEARER, {"model": "m", "query": QUERY, "documents": DOCS, "top_n": 0}, "results"),
-    ("seed-curl-example", "/v1/rerank", {},
-     {"model": "bge-reranker-base-local", "query": "What is a panda?",
-      "documents": ["hi", "The giant panda is a bear species endemic to China."], "top_n": 2}, "seed"),
+    (
+        "seed-curl-example",
+        "/v1/rerank",
+        {},
+        {
+            "model": "bge-reranker-base-local",
+            "query": "What is a panda?",
+            "documents": ["hi", "The giant panda is a bear species endemic to China."],
+            "top_n": 2,
+        },
+        "seed",
+    ),
 ]
 
 
@@ -134,8 +259,9 @@ def rerank_counts(metrics_text: str) -> Counter[tuple[str, str]]:
 def test_every_wire_shape_and_metrics_count_each_request_once(live_server: ServerProcess) -> None:
     with live_server.client() as client:
         reference_body = {"query": QUERY, "documents": DOCS}
-        reference = {r["index"]: r["relevance_score"]
-                     for r in client.post("/v1/rerank", json=reference_body).json()["results"]}
+        reference = {
+            r["index"]: r["relevance_score"] for r in client.post("/v1/rerank", json=reference_body).json()["results"]
+        }
         before = rerank_counts(client.get("/metrics").text)
 
     host, port = live_server.base_url.removeprefix("http://").split(":")
@@ -146,8 +272,12 @@ def test_every_wire_shape_and_metrics_count_each_request_once(live_server: Serve
         # a fresh connection per request, so both workers take a share.
         connection = http.client.HTTPConnection(host, int(port), timeout=60)
         try:
-            connection.request("POST", path, json.dumps(body).encode(),
-                               {**headers, "Content-Type": "application/json", "Connection": "close"})
+            connection.request(
+                "POST",
+                path,
+                json.dumps(body).encode(),
+                {**headers, "Content-Type": "application/json", "Connection": "close"},
+            )
             response = connection.getresponse()
             return name, response.status, json.loads(response.read())
         finally:
@@ -156,8 +286,7 @@ def test_every_wire_shape_and_metrics_count_each_request_once(live_server: Serve
     rounds = 3
     with ThreadPoolExecutor(max_workers=8) as pool:
         answers = list(pool.map(send, SHAPES * rounds))
-    for (name, _path, _headers, body, dialect), (answered, status, data) in zip(SHAPES * rounds, answers,
-                                                                                 strict=True):
+    for (name, _path, _headers, body, dialect), (answered, status, data) in zip(SHAPES * rounds, answers, strict=True):
         assert answered == name
         assert status == 200, (name, data)
         check_shape(dialect, body, data, reference)
@@ -182,11 +311,20 @@ def test_models_health_ready_metrics_and_docs(live_server: ServerProcess) -> Non
         metrics = client.get("/metrics")
         assert metrics.headers["content-type"].startswith("text/plain")
         text = metrics.text
-        for name in ("reranker_requests_total", "reranker_request_duration_seconds_bucket",
-                     "reranker_pairs_scored_total", "reranker_tokens_scored_total", "reranker_batch_size_bucket",
-                     "reranker_batch_tokens_bucket", "reranker_queue_depth", "reranker_inference_duration_seconds",
-                     "reranker_ready_workers", "reranker_request_tokenization_seconds_bucket",
-                     "reranker_request_queue_seconds_bucket", "reranker_request_inference_seconds_bucket"):
+        for name in (
+            "reranker_requests_total",
+            "reranker_request_duration_seconds_bucket",
+            "reranker_pairs_scored_total",
+            "reranker_tokens_scored_total",
+            "reranker_batch_size_bucket",
+            "reranker_batch_tokens_bucket",
+            "reranker_queue_depth",
+            "reranker_inference_duration_seconds",
+            "reranker_ready_workers",
+            "reranker_request_tokenization_seconds_bucket",
+            "reranker_request_queue_seconds_bucket",
+            "reranker_request_inference_seconds_bucket",
+        ):
             assert name in text, name
         assert "reranker_ready_workers 2.0" in text
         # FastAPI's own pages are counted under their path; unknown paths share one label
@@ -230,17 +368,20 @@ def test_tei_info_for_ragflow_huggingface_provider(live_server: ServerProcess) -
 
 def test_first_request_after_start_is_fast(live_server: ServerProcess) -> None:
     # RAGFlow's model check has a 10 s limit; the model was warmed before the worker reported ready.
-    response = httpx.post(live_server.base_url + "/v1/rerank", timeout=10,
-                          json={"model": "m", "query": "Hello~ RAGFlower!", "documents": ["Hi, there!",
-                                                                                        "Ohh, my friend!"]})
+    response = httpx.post(
+        live_server.base_url + "/v1/rerank",
+        timeout=10,
+        json={"model": "m", "query": "Hello~ RAGFlower!", "documents": ["Hi, there!", "Ohh, my friend!"]},
+    )
     assert response.status_code == 200
     assert response.elapsed.total_seconds() < 2
 
 
 def test_a_missing_model_directory_stops_start_up_with_one_clear_line(tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", "RERANKER_MODEL_PATH": str(tmp_path / "nowhere"), "HOME": str(tmp_path)}
-    result = subprocess.run([sys.executable, "-m", "app"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "app"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"reranker: invalid configuration: RERANKER_MODEL_PATH: model directory {tmp_path / 'nowhere'} does not "
@@ -249,10 +390,15 @@ def test_a_missing_model_directory_stops_start_up_with_one_clear_line(tmp_path: 
 
 
 def test_an_invalid_setting_is_named(tmp_path: Path, tiny_model_dir: Path) -> None:
-    env = {"PATH": "/usr/bin:/bin", "RERANKER_MODEL_PATH": str(tiny_model_dir), "RERANKER_DTYPE": "float8",
-           "WEB_CONCURRENCY": "zero"}
-    result = subprocess.run([sys.executable, "-m", "app"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                            timeout=60)
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "RERANKER_MODEL_PATH": str(tiny_model_dir),
+        "RERANKER_DTYPE": "float8",
+        "WEB_CONCURRENCY": "zero",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "app"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 2
     assert "RERANKER_DTYPE" in result.stderr and "WEB_CONCURRENCY" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1

@@ -13,8 +13,12 @@ from tests.utils import REPO_ROOT
 # Set by the stack itself (compose.yaml and the image), so .env.example does not offer them.
 FIXED_BY_THE_STACK = {"RERANKER_MODEL_PATH", "RERANKER_HOST", "RERANKER_PORT", "PROMETHEUS_MULTIPROC_DIR"}
 # Settings for tests and benchmarks only, documented in the README but not offered to deployments.
-NOT_FOR_DEPLOYMENTS = {"RERANKER_BACKEND", "RERANKER_SIMULATED_LAUNCHES", "RERANKER_SIMULATED_LAUNCH_US",
-                       "RERANKER_SIMULATED_TOKEN_US"}
+NOT_FOR_DEPLOYMENTS = {
+    "RERANKER_BACKEND",
+    "RERANKER_SIMULATED_LAUNCHES",
+    "RERANKER_SIMULATED_LAUNCH_US",
+    "RERANKER_SIMULATED_TOKEN_US",
+}
 
 
 def documented_default(field: Any) -> str:
@@ -46,8 +50,9 @@ def test_readme_table_is_the_one_the_settings_write() -> None:
 def test_env_example_offers_every_deployment_setting_with_its_default() -> None:
     text = (REPO_ROOT / ".env.example").read_text()
     offered = dict(re.findall(r"^# ((?:RERANKER|WEB)_[A-Z_]+)=(.*)$", text, re.M))
-    expected = {name: default for name, default in settings().items()
-                if name not in FIXED_BY_THE_STACK | NOT_FOR_DEPLOYMENTS}
+    expected = {
+        name: default for name, default in settings().items() if name not in FIXED_BY_THE_STACK | NOT_FOR_DEPLOYMENTS
+    }
     missing = set(expected) - set(offered)
     assert not missing, missing
     for name, default in expected.items():

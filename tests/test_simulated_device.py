@@ -54,8 +54,11 @@ def device_capacity(model_dir: Path, bodies: list[bytes]) -> float:
     for raw in bodies:
         body = json.loads(raw)
         pairs.extend(device.encoder.encode(body["query"], body["documents"]).pairs)
-    batches = plan_batches([len(pair) for pair in pairs], max_batch_tokens=settings.max_batch_tokens,
-                           max_batch_pairs=settings.max_batch_pairs)
+    batches = plan_batches(
+        [len(pair) for pair in pairs],
+        max_batch_tokens=settings.max_batch_tokens,
+        max_batch_pairs=settings.max_batch_pairs,
+    )
     device.forward(pairs[:4])
     started = time.perf_counter()
     for batch in batches:
@@ -66,8 +69,9 @@ def device_capacity(model_dir: Path, bodies: list[bytes]) -> float:
 def measure(server: ServerProcess, bodies: list[bytes], documents: list[int]) -> tuple[float, float]:
     """Pairs/s and p50 latency (s) of ``CLIENTS`` closed-loop clients for ``SECONDS_PER_RUN``."""
     url = f"{server.base_url}/v1/rerank"
-    samples, wall = asyncio.run(drive_raw(url, bodies, clients=CLIENTS, duration_s=SECONDS_PER_RUN, max_requests=10_000,
-                                      timeout_s=120))
+    samples, wall = asyncio.run(
+        drive_raw(url, bodies, clients=CLIENTS, duration_s=SECONDS_PER_RUN, max_requests=10_000, timeout_s=120)
+    )
     assert all(sample.status == 200 for sample in samples), {sample.status for sample in samples}
     pairs = sum(documents[sample.request % len(documents)] for sample in samples)
     latencies = sorted(sample.latency for sample in samples)
@@ -86,8 +90,9 @@ def test_engine_processes_keep_the_simulated_device_busy_where_the_in_process_de
         capacity_before = device_capacity(tiny_model_dir, bodies)
         figures: dict[str, list[tuple[float, float]]] = {"inline": [], "engines": []}
         for server in (inline, engines):  # first shapes and connections out of the figures
-            asyncio.run(drive(f"{server.base_url}/v1/rerank", bodies[:2], clients=2, duration_s=0, max_requests=2,
-                              timeout_s=60))
+            asyncio.run(
+                drive(f"{server.base_url}/v1/rerank", bodies[:2], clients=2, duration_s=0, max_requests=2, timeout_s=60)
+            )
         for _ in range(RUNS_PER_DESIGN):
             figures["inline"].append(measure(inline, bodies, documents))
             figures["engines"].append(measure(engines, bodies, documents))
@@ -96,9 +101,14 @@ def test_engine_processes_keep_the_simulated_device_busy_where_the_in_process_de
         inline.stop()
         engines.stop()
     mean = {name: sum(rate for rate, _ in runs) / len(runs) for name, runs in figures.items()}
-    print(f"\nsimulated device capacity {capacity:.0f} pairs/s; at {CLIENTS} clients: " + "; ".join(
-        f"{name} {[f'{rate:.0f} pairs/s p50 {p50 * 1000:.0f} ms' for rate, p50 in runs]} "
-        f"(mean {mean[name] / capacity:.0%})" for name, runs in figures.items()))
+    print(
+        f"\nsimulated device capacity {capacity:.0f} pairs/s; at {CLIENTS} clients: "
+        + "; ".join(
+            f"{name} {[f'{rate:.0f} pairs/s p50 {p50 * 1000:.0f} ms' for rate, p50 in runs]} "
+            f"(mean {mean[name] / capacity:.0%})"
+            for name, runs in figures.items()
+        )
+    )
 
     assert mean["engines"] >= TARGET_SHARE * capacity, (mean, capacity)
     assert mean["inline"] < TARGET_SHARE * capacity, (mean, capacity)

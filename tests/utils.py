@@ -58,8 +58,9 @@ class ServerProcess:
         return self.process.returncode
 
 
-def start_server(model_dir: Path, tmp_path: Path, *, workers: int = 2, ready_timeout: float = 120,
-                 **settings: str) -> ServerProcess:
+def start_server(
+    model_dir: Path, tmp_path: Path, *, workers: int = 2, ready_timeout: float = 120, **settings: str
+) -> ServerProcess:
     """Start ``python -m app`` exactly as the container does and wait for /ready."""
     port = free_port()
     env = {
@@ -74,8 +75,9 @@ def start_server(model_dir: Path, tmp_path: Path, *, workers: int = 2, ready_tim
     }
     log_path = tmp_path / f"server-{port}.log"
     with log_path.open("wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "app"], cwd=REPO_ROOT, env=env, stdout=log,
-                                   stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "app"], cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
     server = ServerProcess(process, f"http://127.0.0.1:{port}", log_path, env)
 
     def every_worker_ready() -> bool:
@@ -88,8 +90,9 @@ def start_server(model_dir: Path, tmp_path: Path, *, workers: int = 2, ready_tim
     return wait_until_ready(server, every_worker_ready, timeout=ready_timeout, name="server")
 
 
-def wait_until_ready(server: ServerProcess, is_ready: Callable[[], bool], *, timeout: float,
-                     name: str) -> ServerProcess:
+def wait_until_ready(
+    server: ServerProcess, is_ready: Callable[[], bool], *, timeout: float, name: str
+) -> ServerProcess:
     """Poll ``is_ready`` until it holds; a server that exits or stays unready is killed, with its log raised."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

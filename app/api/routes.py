@@ -92,8 +92,15 @@ def with_cancellation(handler: Callable[P, Awaitable[T]]) -> Callable[P, Awaitab
     return run
 
 
-async def score(request: Request, body: RerankRequest, service: RerankService, settings: Settings, *,
-                dialect: str, truncate_only: bool = False) -> tuple[list[str], RerankOutcome]:
+async def score(
+    request: Request,
+    body: RerankRequest,
+    service: RerankService,
+    settings: Settings,
+    *,
+    dialect: str,
+    truncate_only: bool = False,
+) -> tuple[list[str], RerankOutcome]:
     """Normalise the body, score it in one service call, and note what the access log reports."""
     state = request.scope["state"]
     state["dialect"] = dialect
@@ -110,8 +117,9 @@ async def score(request: Request, body: RerankRequest, service: RerankService, s
 
 
 @with_cancellation
-async def rerank(request: Request, body: RerankRequest, service: ServiceDep,
-                 settings: SettingsDep) -> RerankResponse | list[TeiRank]:
+async def rerank(
+    request: Request, body: RerankRequest, service: ServiceDep, settings: SettingsDep
+) -> RerankResponse | list[TeiRank]:
     """Rerank documents by relevance to the query.
 
     Speaks Cohere v1/v2, Jina, vLLM, Xinference and RAGFlow's providers (``results``), and TEI when the body has
@@ -122,13 +130,20 @@ async def rerank(request: Request, body: RerankRequest, service: ServiceDep,
         return TeiRank.ranked(outcome, body, texts)
     texts, outcome = await score(request, body, service, settings, dialect="standard")
     seed_data = (request.scope["route"].path.rstrip("/") or "/") in SEED_PATHS
-    return RerankResponse.from_outcome(outcome, body, texts, request_id=request.scope["state"]["request_id"],
-                                       model=settings.model_name, seed_data=seed_data)
+    return RerankResponse.from_outcome(
+        outcome,
+        body,
+        texts,
+        request_id=request.scope["state"]["request_id"],
+        model=settings.model_name,
+        seed_data=seed_data,
+    )
 
 
 @with_cancellation
-async def rerank_nvidia(request: Request, body: RerankRequest, service: ServiceDep,
-                        settings: SettingsDep) -> NvidiaResponse:
+async def rerank_nvidia(
+    request: Request, body: RerankRequest, service: ServiceDep, settings: SettingsDep
+) -> NvidiaResponse:
     """NVIDIA NIM's reranking: ``{"query": {"text"}, "passages": [{"text"}]}`` → ``rankings[].logit``."""
     _, outcome = await score(request, body, service, settings, dialect="nvidia", truncate_only=True)
     return NvidiaResponse.from_outcome(outcome, body)
@@ -158,18 +173,38 @@ async def list_models(service: ServiceDep, settings: SettingsDep, request: Reque
 # Optional fields a dialect did not ask for (document, chunk, data, text) are left out, not sent as null.
 for _path, _visible in _with_slash_variants(RERANK_PATHS):
     router.add_api_route(
-        _path, rerank, methods=["POST"], include_in_schema=_visible, response_model=RerankResponse | list[TeiRank],
-        response_model_exclude_none=True, responses=ERROR_RESPONSES, summary="Rerank documents", tags=["rerank"],
+        _path,
+        rerank,
+        methods=["POST"],
+        include_in_schema=_visible,
+        response_model=RerankResponse | list[TeiRank],
+        response_model_exclude_none=True,
+        responses=ERROR_RESPONSES,
+        summary="Rerank documents",
+        tags=["rerank"],
     )
 for _path, _visible in _with_slash_variants(NVIDIA_PATHS):
     router.add_api_route(
-        _path, rerank_nvidia, methods=["POST"], include_in_schema=_visible, response_model=NvidiaResponse,
-        response_model_exclude_none=True, responses=ERROR_RESPONSES, summary="Rerank passages (NVIDIA)",
+        _path,
+        rerank_nvidia,
+        methods=["POST"],
+        include_in_schema=_visible,
+        response_model=NvidiaResponse,
+        response_model_exclude_none=True,
+        responses=ERROR_RESPONSES,
+        summary="Rerank passages (NVIDIA)",
         tags=["rerank"],
     )
 for _path, _visible in _with_slash_variants(MODEL_PATHS):
-    router.add_api_route(_path, list_models, methods=["GET"], include_in_schema=_visible, response_model=ModelList,
-                         summary="List the served model", tags=["models"])
+    router.add_api_route(
+        _path,
+        list_models,
+        methods=["GET"],
+        include_in_schema=_visible,
+        response_model=ModelList,
+        summary="List the served model",
+        tags=["models"],
+    )
 
 
 @router.get("/info", response_model=TeiInfo, tags=["models"])

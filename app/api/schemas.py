@@ -59,7 +59,7 @@ class RerankRequest(BaseModel):
     )
 
     model: str | None = Field(None, description="Any string: one model is served, whatever the client names.")
-    query: str | TextObject = Field(description="The search query (NVIDIA sends {\"text\": ...}).")
+    query: str | TextObject = Field(description='The search query (NVIDIA sends {"text": ...}).')
     documents: list[str | dict[str, Any]] | None = Field(
         None, description="Strings, or objects with a text field (or the fields named by rank_fields)."
     )
@@ -208,8 +208,16 @@ class RerankResponse(BaseModel):
     data: list[SeedResult] | None = Field(None, description="The seed's format; only on /v1/rerank and its aliases.")
 
     @classmethod
-    def from_outcome(cls, outcome: RerankOutcome, body: RerankRequest, texts: list[str], *, request_id: str,
-                     model: str, seed_data: bool) -> RerankResponse:
+    def from_outcome(
+        cls,
+        outcome: RerankOutcome,
+        body: RerankRequest,
+        texts: list[str],
+        *,
+        request_id: str,
+        model: str,
+        seed_data: bool,
+    ) -> RerankResponse:
         """Cohere/Jina/vLLM/RAGFlow's ``results`` (sigmoid scores unless ``raw_scores``), ``usage``, ``meta``,
         and on the seed's paths its ``data`` list."""
         best = ranked(outcome, body.top_n)
@@ -222,14 +230,23 @@ class RerankResponse(BaseModel):
                 index=document.index,
                 relevance_score=score(document),
                 document=DocumentText(text=texts[document.index]) if body.return_documents else None,
-                chunk=(ChunkInfo(index=document.best_window, count=document.window_count)
-                       if document.window_count > 1 else None),
+                chunk=(
+                    ChunkInfo(index=document.best_window, count=document.window_count)
+                    if document.window_count > 1
+                    else None
+                ),
             )
             for document in best
         ]
         data = [SeedResult(index=d.index, score=score(d), document=texts[d.index]) for d in best] if seed_data else None
-        return cls(id=request_id, model=model, results=results, usage=Usage.of(outcome),
-                   meta=Meta(tokens=MetaTokens(input_tokens=outcome.total_tokens)), data=data)
+        return cls(
+            id=request_id,
+            model=model,
+            results=results,
+            usage=Usage.of(outcome),
+            meta=Meta(tokens=MetaTokens(input_tokens=outcome.total_tokens)),
+            data=data,
+        )
 
 
 class TeiRank(BaseModel):
@@ -241,9 +258,11 @@ class TeiRank(BaseModel):
     def ranked(cls, outcome: RerankOutcome, body: RerankRequest, texts: list[str]) -> list[TeiRank]:
         """TEI's bare list, every document best first (TEI has no top_n)."""
         return [
-            cls(index=document.index,
+            cls(
+                index=document.index,
                 score=document.logit if body.raw_scores else document.relevance_score,
-                text=texts[document.index] if body.return_text else None)
+                text=texts[document.index] if body.return_text else None,
+            )
             for document in ranked(outcome)
         ]
 

@@ -150,8 +150,9 @@ class EngineClient:
                     except EngineStartError:
                         await connection.close()
                         raise
-                    logger.info("connected to the engine at %s (pid %s)", connection.socket_path,
-                                connection.facts.get("pid"))
+                    logger.info(
+                        "connected to the engine at %s (pid %s)", connection.socket_path, connection.facts.get("pid")
+                    )
                     return
             if time.monotonic() > deadline:
                 raise EngineStartError(f"no model engine answered at {connection.socket_path} in time")

@@ -46,8 +46,16 @@ class _Graph:
 class CudaGraphs:
     """Captured forward passes of ``model`` on its CUDA device; ``run`` scores a batch or returns None."""
 
-    def __init__(self, model: Any, device: torch.device, *, max_length: int, max_batch_pairs: int, pad_id: int,
-                 uses_type_ids: bool) -> None:
+    def __init__(
+        self,
+        model: Any,
+        device: torch.device,
+        *,
+        max_length: int,
+        max_batch_pairs: int,
+        pad_id: int,
+        uses_type_ids: bool,
+    ) -> None:
         self.model = model
         self.device = device
         self.pad_id = pad_id
@@ -79,8 +87,12 @@ class CudaGraphs:
         for shape in sorted(self.shapes, key=lambda s: -s[0] * s[1]):
             self._graphs[shape] = self._capture(*shape)
         torch.cuda.synchronize(self.device)
-        logger.info("captured %d CUDA graphs (batches up to %d padded tokens) in %.1fs",
-                    len(self._graphs), GRAPH_MAX_TOKENS, time.perf_counter() - started)
+        logger.info(
+            "captured %d CUDA graphs (batches up to %d padded tokens) in %.1fs",
+            len(self._graphs),
+            GRAPH_MAX_TOKENS,
+            time.perf_counter() - started,
+        )
 
     def _capture(self, rows: int, columns: int) -> _Graph:
         names = ["input_ids", "attention_mask"] + (["token_type_ids"] if self.uses_type_ids else [])

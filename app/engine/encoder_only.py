@@ -24,8 +24,9 @@ def load_encoder(settings: Settings) -> PairEncoder:
     try:
         from app.engine.model_dir import load_pair_encoder
     except ImportError:
-        return tokenizer_json_encoder(settings.model_path, max_length=settings.max_length,
-                                      max_query_share=settings.max_query_share)
+        return tokenizer_json_encoder(
+            settings.model_path, max_length=settings.max_length, max_query_share=settings.max_query_share
+        )
     return load_pair_encoder(settings)
 
 
@@ -42,8 +43,12 @@ def tokenizer_json_encoder(model_path: Path, *, max_length: int, max_query_share
     def tokenize(texts: list[str]) -> list[list[int]]:
         return [encoding.ids for encoding in tokenizer.encode_batch(texts, add_special_tokens=False)]
 
-    return PairEncoder(tokenize, post_processor_template(tokenizer), max_length=min(max_length, usable),
-                       max_query_share=max_query_share)
+    return PairEncoder(
+        tokenize,
+        post_processor_template(tokenizer),
+        max_length=min(max_length, usable),
+        max_query_share=max_query_share,
+    )
 
 
 def post_processor_template(tokenizer: Any) -> PairTemplate:

@@ -46,8 +46,9 @@ class FirstTokenLastLayer(torch.nn.Module):
         self.heads = int(attention.num_attention_heads)
         self.head_size = int(attention.attention_head_size)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                *args: Any, **kwargs: Any) -> torch.Tensor | tuple[torch.Tensor]:
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *args: Any, **kwargs: Any
+    ) -> torch.Tensor | tuple[torch.Tensor]:
         attention: Any = self.layer.attention.self
         # Shapes by splitting the last dimension only: the compiled graph's batch size is symbolic (any size).
         heads = (self.heads, self.head_size)
@@ -66,8 +67,9 @@ class FirstTokenLastLayer(torch.nn.Module):
             output = self._first_token(first, keys, values, attention_mask)
         return (output.unsqueeze(1),) if self.tuple_output else output.unsqueeze(1)
 
-    def _first_token(self, first: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                     attention_mask: torch.Tensor | None) -> torch.Tensor:
+    def _first_token(
+        self, first: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> torch.Tensor:
         layer: Any = self.layer
         query = layer.attention.self.query(first).unflatten(-1, (self.heads, self.head_size)).unsqueeze(2)
         # Boolean (True = attend) or additive float masks, as the model built them: SDPA takes both.
@@ -91,8 +93,14 @@ def prune_last_layer(model: Any, *, float32_path: bool) -> torch.nn.Module | Non
         return None
     try:
         attention = last.attention
-        parts = (attention.self.query, attention.self.key, attention.self.value, attention.output,
-                 last.intermediate, last.output)
+        parts = (
+            attention.self.query,
+            attention.self.key,
+            attention.self.value,
+            attention.output,
+            last.intermediate,
+            last.output,
+        )
     except AttributeError:
         return None
     if not all(isinstance(part, torch.nn.Module) for part in parts):

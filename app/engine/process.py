@@ -130,8 +130,10 @@ class Engine:
 
     async def _answer_health(self, frame: Frame, writer: asyncio.StreamWriter) -> None:
         error = await self.health()
-        reply = pack(Kind.HEALTH_OK, frame.request_id) if error is None else pack(
-            Kind.HEALTH_FAILED, frame.request_id, body=error.encode()
+        reply = (
+            pack(Kind.HEALTH_OK, frame.request_id)
+            if error is None
+            else pack(Kind.HEALTH_FAILED, frame.request_id, body=error.encode())
         )
         if not writer.is_closing():
             writer.write(reply)

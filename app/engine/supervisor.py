@@ -50,7 +50,10 @@ def visible_gpus() -> list[str]:
     try:
         probe = subprocess.run(
             [sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
-            capture_output=True, text=True, timeout=120, check=False,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
         )
         count = int(probe.stdout.strip().splitlines()[-1])
     except (subprocess.SubprocessError, ValueError, IndexError, OSError) as error:
@@ -130,8 +133,13 @@ class EngineSupervisor:
             # only then stops the engines they depend on.
             start_new_session=True,
         )
-        logger.info("started engine %d (pid %d) on %s %s", spec.index, process.pid, spec.socket_path,
-                    " ".join(f"{k}={v}" for k, v in spec.env.items()))
+        logger.info(
+            "started engine %d (pid %d) on %s %s",
+            spec.index,
+            process.pid,
+            spec.socket_path,
+            " ".join(f"{k}={v}" for k, v in spec.env.items()),
+        )
         return process
 
     def _watch(self) -> None:
@@ -157,16 +165,26 @@ class EngineSupervisor:
                         continue
                     lived = time.monotonic() - running.started
                     delay = 0.0 if lived > STABLE_AFTER_S else running.restart_delay
-                    logger.error("engine %d (pid %d) died after %.0fs; starting a new one in %.0fs", index,
-                                 running.process.pid, lived, delay)
+                    logger.error(
+                        "engine %d (pid %d) died after %.0fs; starting a new one in %.0fs",
+                        index,
+                        running.process.pid,
+                        lived,
+                        delay,
+                    )
                     spec.socket_path.unlink(missing_ok=True)
                 if delay and self._stopping.wait(delay):
                     return
                 with self._lock:
                     if self._stopping.is_set():
                         return
-                    self._running[index] = _Running(spec, self._spawn(spec), time.monotonic(),
-                                                    min(MAX_RESTART_DELAY_S, max(1.0, delay * 2)), served=True)
+                    self._running[index] = _Running(
+                        spec,
+                        self._spawn(spec),
+                        time.monotonic(),
+                        min(MAX_RESTART_DELAY_S, max(1.0, delay * 2)),
+                        served=True,
+                    )
                     self.restarts += 1
 
     def stop(self, *, timeout_s: float) -> None:

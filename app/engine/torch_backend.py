@@ -200,8 +200,12 @@ class TorchBackend:
             pruned = np.array(self._forward(probe, self.model, autocast=False))
         except Exception as error:  # a transformers version whose layer contract differs: keep the whole layer
             restore_last_layer(self.model, original)
-            logger.warning("scoring the last layer for the first token only failed on a probe batch (%s: %s); "
-                           "running the whole last layer", type(error).__name__, error)
+            logger.warning(
+                "scoring the last layer for the first token only failed on a probe batch (%s: %s); "
+                "running the whole last layer",
+                type(error).__name__,
+                error,
+            )
             return False
         # The same arithmetic in the weights' dtype: float32 agrees to ~1e-5, half precision to its rounding.
         # A model whose head reads more than the first token would be off by far more.
@@ -209,8 +213,11 @@ class TorchBackend:
         difference = float(np.abs(pruned - full).max())
         if not difference <= tolerance:
             restore_last_layer(self.model, original)
-            logger.warning("scoring the last layer for the first token only moved a probe logit by %.3g; "
-                           "running the whole last layer", difference)
+            logger.warning(
+                "scoring the last layer for the first token only moved a probe logit by %.3g; "
+                "running the whole last layer",
+                difference,
+            )
             return False
         return True
 
@@ -255,9 +262,15 @@ class TorchBackend:
         logger.info(
             "loaded %s (labels %s, max length %d) from %s on %s (weights %s, matrix products %s, attention %s) "
             "in %.1fs",
-            self.info.architecture, self.info.num_labels, self.info.max_length, path, self.device,
-            str(self.weights_dtype).removeprefix("torch."), str(self.dtype).removeprefix("torch."),
-            model.config._attn_implementation, time.perf_counter() - started,
+            self.info.architecture,
+            self.info.num_labels,
+            self.info.max_length,
+            path,
+            self.device,
+            str(self.weights_dtype).removeprefix("torch."),
+            str(self.dtype).removeprefix("torch."),
+            model.config._attn_implementation,
+            time.perf_counter() - started,
         )
         return model
 
@@ -280,8 +293,9 @@ class TorchBackend:
             scores.extend(self._forward(pairs[start:stop], self._run, graphs=True))
         return scores
 
-    def _forward(self, pairs: Sequence[EncodedPair], run: Callable[..., Any], *, autocast: bool = True,
-                 graphs: bool = False) -> list[float]:
+    def _forward(
+        self, pairs: Sequence[EncodedPair], run: Callable[..., Any], *, autocast: bool = True, graphs: bool = False
+    ) -> list[float]:
         # Graphs only from forward(): their static buffers belong to the one forward thread, and readiness
         # probes (check()) run beside it.
         if graphs and self.graphs is not None:
@@ -307,7 +321,7 @@ class TorchBackend:
             for tensor in inputs.values():
                 # Any batch size, 1 included, reuses the one compiled graph (no 0/1 specialisation).
                 torch._dynamo.decorators.mark_unbacked(tensor, 0)
-        with torch.inference_mode(), (self._autocast() if autocast else contextlib.nullcontext()):
+        with torch.inference_mode(), self._autocast() if autocast else contextlib.nullcontext():
             return self._scores(run(**inputs).logits)
 
     def _scores(self, logits: torch.Tensor) -> list[float]:
@@ -335,9 +349,14 @@ class TorchBackend:
     def _capture_graphs(self) -> None:
         """Capture the CUDA graphs and check them on a padded probe batch against the eager model; on any
         failure or difference serve eagerly (slower small batches, the same scores)."""
-        graphs = CudaGraphs(self.model, self.device, max_length=self.encoder.max_length,
-                            max_batch_pairs=self._max_batch_pairs, pad_id=self.pad_id,
-                            uses_type_ids=self.uses_type_ids)
+        graphs = CudaGraphs(
+            self.model,
+            self.device,
+            max_length=self.encoder.max_length,
+            max_batch_pairs=self._max_batch_pairs,
+            pad_id=self.pad_id,
+            uses_type_ids=self.uses_type_ids,
+        )
         probe = self.encoder.encode(
             "which passage mentions the harbour", ["the harbour was busy", "a short one", "x " * 40]
         ).pairs
@@ -350,8 +369,9 @@ class TorchBackend:
                 raise RuntimeError("no captured shape holds the probe batch")
             difference = float(np.abs(np.array(self._scores(replayed)) - eager).max())
         except Exception as error:
-            logger.warning("CUDA graphs could not be captured, every batch runs eagerly: %s: %s",
-                           type(error).__name__, error)
+            logger.warning(
+                "CUDA graphs could not be captured, every batch runs eagerly: %s: %s", type(error).__name__, error
+            )
             return
         # The same kernels on the same pairs, bar the padding: they differ by rounding only.
         tolerance = 3e-2 * max(1.0, float(np.abs(eager).max()))
@@ -378,7 +398,8 @@ class TorchBackend:
         eager = self._forward(pairs, self.model)
         logger.info(
             "compiled the forward pass in %.1fs (max |compiled - eager| logit %.2g)",
-            time.perf_counter() - started, float(np.max(np.abs(np.subtract(compiled, eager)))),
+            time.perf_counter() - started,
+            float(np.max(np.abs(np.subtract(compiled, eager)))),
         )
 
     def check(self) -> None:

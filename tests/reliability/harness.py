@@ -103,8 +103,9 @@ def words(count: int, rng: random.Random) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(count))
 
 
-def make_bodies(count: int, *, documents: tuple[int, int] = (10, 60), doc_words: tuple[int, int] = (5, 60),
-                seed: int = 0) -> list[dict[str, Any]]:
+def make_bodies(
+    count: int, *, documents: tuple[int, int] = (10, 60), doc_words: tuple[int, int] = (5, 60), seed: int = 0
+) -> list[dict[str, Any]]:
     """Distinct rerank bodies of in-vocabulary text (one word ≈ one token of the tiny model)."""
     rng = random.Random(seed)
     return [
@@ -208,9 +209,18 @@ class LoadGenerator:
     carries its own ``X-Request-ID`` so it can be found in the server's log.
     """
 
-    def __init__(self, base_url: str, bodies: list[dict[str, Any]], expected: list[dict[int, float]], *,
-                 clients: int, path: str = "/v1/rerank", headers: dict[str, str] | None = None,
-                 timeout: float = 60, pause_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        bodies: list[dict[str, Any]],
+        expected: list[dict[int, float]],
+        *,
+        clients: int,
+        path: str = "/v1/rerank",
+        headers: dict[str, str] | None = None,
+        timeout: float = 60,
+        pause_s: float = 0.0,
+    ) -> None:
         self.base_url = base_url
         self.bodies = bodies
         self.expected = expected
@@ -314,9 +324,15 @@ def probing_health(base_url: str, *, interval_s: float) -> Iterator[list[Probe]]
         prober.join()
 
 
-def sigterm_with_backlog(base_url: str, process: Any, bodies: list[dict[str, Any]],
-                         expected: list[dict[int, float]], *, accept_timeout: float,
-                         request_timeout: float) -> tuple[float, list[tuple[int, bool]], float]:
+def sigterm_with_backlog(
+    base_url: str,
+    process: Any,
+    bodies: list[dict[str, Any]],
+    expected: list[dict[int, float]],
+    *,
+    accept_timeout: float,
+    request_timeout: float,
+) -> tuple[float, list[tuple[int, bool]], float]:
     """Send every body at once and, once the workers have accepted them all (parsed, counted, queued), send
     ``process`` SIGTERM. Returns the pairs queued at the signal, each request's (status, answer correct) and
     the monotonic time of the signal."""
@@ -329,8 +345,12 @@ def sigterm_with_backlog(base_url: str, process: Any, bodies: list[dict[str, Any
 
     with ThreadPoolExecutor(len(bodies)) as pool:
         futures = [pool.submit(one, index) for index in range(len(bodies))]
-        wait_for(lambda: metric(scrape(base_url), "reranker_documents_total") - documents_before >= documents,
-                 timeout=accept_timeout, interval=0.02, what="all requests accepted")
+        wait_for(
+            lambda: metric(scrape(base_url), "reranker_documents_total") - documents_before >= documents,
+            timeout=accept_timeout,
+            interval=0.02,
+            what="all requests accepted",
+        )
         queued = metric(scrape(base_url), "reranker_queue_depth")
         signalled = time.monotonic()
         process.send_signal(signal.SIGTERM)

@@ -133,12 +133,17 @@ CATALOGUE = [
     Case("JSON null", b"null", 422, "body", "JSON object"),
     Case("JSON array", b"[1, 2]", 422, "body", "JSON object"),
     Case("deeply nested JSON (100,000 levels)", b"[" * 100_000 + b"]" * 100_000, 400, "body"),
-    Case("deeply nested JSON inside a document", b'{"query": "q", "documents": [' + b"[" * 5_000 + b"]" * 5_000
-         + b"]}", 400, "body"),
+    Case(
+        "deeply nested JSON inside a document",
+        b'{"query": "q", "documents": [' + b"[" * 5_000 + b"]" * 5_000 + b"]}",
+        400,
+        "body",
+    ),
     Case("invalid UTF-8", b'{"query": "\xff\xfe", "documents": ["a"]}', 400, "body"),
     Case("raw NUL byte inside a JSON string", b'{"query": "a\x00b", "documents": ["a"]}', 400, "body"),
-    Case("number with 5,000 digits", b'{"query": "q", "documents": ["a"], "top_n": 1' + b"0" * 5_000 + b"}",
-         400, "body"),
+    Case(
+        "number with 5,000 digits", b'{"query": "q", "documents": ["a"], "top_n": 1' + b"0" * 5_000 + b"}", 400, "body"
+    ),
     Case("NaN literal", b'{"query": "q", "documents": ["a"], "top_n": NaN}', 422, "top_n"),
     # Wrong types and nulls
     Case("query is a number", {"query": 42, "documents": ["a"]}, 422, "query", "string"),
@@ -150,11 +155,20 @@ CATALOGUE = [
     Case("a document is null", {"query": "q", "documents": ["a", None]}, 422, "documents[1]"),
     Case("a document is a number", {"query": "q", "documents": [1]}, 422, "documents[0]"),
     Case("a document object has no text", {"query": "q", "documents": [{"title": SENTINEL}]}, 422, "documents[0]"),
-    Case("rank_fields name a non-string", {"query": "q", "documents": [{"a": 1}], "rank_fields": ["a"]}, 422,
-         "documents[0]"),
+    Case(
+        "rank_fields name a non-string",
+        {"query": "q", "documents": [{"a": 1}], "rank_fields": ["a"]},
+        422,
+        "documents[0]",
+    ),
     Case("TEI texts hold a number", {"query": "q", "texts": [1]}, 422, "texts[0]"),
-    Case("NVIDIA passages hold strings", {"query": {"text": "q"}, "passages": ["a"]}, 422, "passages[0]",
-         path="/v1/reranking"),
+    Case(
+        "NVIDIA passages hold strings",
+        {"query": {"text": "q"}, "passages": ["a"]},
+        422,
+        "passages[0]",
+        path="/v1/reranking",
+    ),
     Case("top_n is a word", standard(top_n="many"), 422, "top_n"),
     Case("top_n is a fraction", standard(top_n=1.5), 422, "top_n"),
     Case("top_n is negative", standard(top_n=-1), 422, "top_n", "greater than or equal to 0"),
@@ -167,50 +181,118 @@ CATALOGUE = [
     Case("duplicate keys (the last wins)", b'{"query": "a", "query": "kalo", "documents": ["kalo"]}', 200),
     # Text that is valid JSON but hostile
     Case("lone surrogate in the query", b'{"query": "\\ud800", "documents": ["a"]}', 422, "query", "surrogate"),
-    Case("lone surrogate in a document", b'{"query": "q", "documents": ["a", "x\\udfffy"]}', 422, "documents[1]",
-         "surrogate"),
+    Case(
+        "lone surrogate in a document",
+        b'{"query": "q", "documents": ["a", "x\\udfffy"]}',
+        422,
+        "documents[1]",
+        "surrogate",
+    ),
     Case("NUL characters (escaped)", {"query": "a\u0000b", "documents": ["\u0000", f"x\u0000y {SENTINEL}"]}, 200),
-    Case("mixed scripts, emoji, RTL and zero-width", {
-        "query": "東京 café 🙂 Москва",
-        "documents": ["naïve café 東京 🙂", "مرحبا שלום नमस्ते", "🙂" * 1_000, "\u202e\u200b\ufeff", SENTINEL],
-    }, 200),
+    Case(
+        "mixed scripts, emoji, RTL and zero-width",
+        {
+            "query": "東京 café 🙂 Москва",
+            "documents": ["naïve café 東京 🙂", "مرحبا שלום नमस्ते", "🙂" * 1_000, "\u202e\u200b\ufeff", SENTINEL],
+        },
+        200,
+    ),
     Case("empty documents list", {"query": "q", "documents": []}, 200),
     # Sizes and limits
-    Case("100,000 documents", {"query": "q", "documents": ["a"] * 100_000}, 413, "documents",
-         "RERANKER_MAX_DOCUMENTS"),
-    Case("one 10 MB document", {"query": "q", "documents": ["a" * 10_000_000]}, 413, "body",
-         "RERANKER_MAX_REQUEST_BYTES"),
+    Case("100,000 documents", {"query": "q", "documents": ["a"] * 100_000}, 413, "documents", "RERANKER_MAX_DOCUMENTS"),
+    Case(
+        "one 10 MB document", {"query": "q", "documents": ["a" * 10_000_000]}, 413, "body", "RERANKER_MAX_REQUEST_BYTES"
+    ),
     Case("5 MB chunked, no Content-Length", chunked_5mb, 413, "body", "RERANKER_MAX_REQUEST_BYTES"),
-    Case("one 3 MB document (under the limit: truncated and scored)",
-         {"query": "kalo", "documents": ["kalo " * 600_000]}, 200),
-    Case("too many windows", {"query": "q", "documents": ["kalo " * 20_000] * 10, "max_chunks_per_doc": 1_000}, 413,
-         "documents", "RERANKER_MAX_WINDOWS_PER_REQUEST"),
+    Case(
+        "one 3 MB document (under the limit: truncated and scored)",
+        {"query": "kalo", "documents": ["kalo " * 600_000]},
+        200,
+    ),
+    Case(
+        "too many windows",
+        {"query": "q", "documents": ["kalo " * 20_000] * 10, "max_chunks_per_doc": 1_000},
+        413,
+        "documents",
+        "RERANKER_MAX_WINDOWS_PER_REQUEST",
+    ),
     # Content type
-    Case("Content-Type text/plain", standard(), 415, "content-type", "application/json",
-         headers={**AUTH, "Content-Type": "text/plain"}),
-    Case("Content-Type form (curl -d)", standard(), 415, "content-type", "application/json",
-         headers={**AUTH, "Content-Type": "application/x-www-form-urlencoded"}),
+    Case(
+        "Content-Type text/plain",
+        standard(),
+        415,
+        "content-type",
+        "application/json",
+        headers={**AUTH, "Content-Type": "text/plain"},
+    ),
+    Case(
+        "Content-Type form (curl -d)",
+        standard(),
+        415,
+        "content-type",
+        "application/json",
+        headers={**AUTH, "Content-Type": "application/x-www-form-urlencoded"},
+    ),
     Case("no Content-Type", standard(), 415, "content-type", headers=dict(AUTH)),
-    Case("Content-Type application/json; charset=utf-8", standard(), 200,
-         headers={**AUTH, "Content-Type": "application/json; charset=utf-8"}),
+    Case(
+        "Content-Type application/json; charset=utf-8",
+        standard(),
+        200,
+        headers={**AUTH, "Content-Type": "application/json; charset=utf-8"},
+    ),
     # API key
-    Case("no Authorization header", standard(), 401, "authorization", "missing API key",
-         headers={"Content-Type": "application/json"}),
-    Case("wrong key", standard(), 401, "authorization", "invalid API key",
-         headers={"Content-Type": "application/json", "Authorization": f"Bearer {WRONG_KEY}"}),
-    Case("Bearer with no key", standard(), 401, "authorization",
-         headers={"Content-Type": "application/json", "Authorization": "Bearer"}),
-    Case("Basic instead of Bearer", standard(), 401, "authorization",
-         headers={"Content-Type": "application/json", "Authorization": "Basic " + API_KEY}),
-    Case("key with non-ASCII bytes", standard(), 401, "authorization",
-         headers={"Content-Type": "application/json", "Authorization": "Bearer é".encode("latin-1")}),
-    Case("key in lower-case scheme", standard(), 200,
-         headers={"Content-Type": "application/json", "Authorization": f"bearer {API_KEY}"}),
+    Case(
+        "no Authorization header",
+        standard(),
+        401,
+        "authorization",
+        "missing API key",
+        headers={"Content-Type": "application/json"},
+    ),
+    Case(
+        "wrong key",
+        standard(),
+        401,
+        "authorization",
+        "invalid API key",
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {WRONG_KEY}"},
+    ),
+    Case(
+        "Bearer with no key",
+        standard(),
+        401,
+        "authorization",
+        headers={"Content-Type": "application/json", "Authorization": "Bearer"},
+    ),
+    Case(
+        "Basic instead of Bearer",
+        standard(),
+        401,
+        "authorization",
+        headers={"Content-Type": "application/json", "Authorization": "Basic " + API_KEY},
+    ),
+    Case(
+        "key with non-ASCII bytes",
+        standard(),
+        401,
+        "authorization",
+        headers={"Content-Type": "application/json", "Authorization": "Bearer é".encode("latin-1")},
+    ),
+    Case(
+        "key in lower-case scheme",
+        standard(),
+        200,
+        headers={"Content-Type": "application/json", "Authorization": f"bearer {API_KEY}"},
+    ),
     # Routes and methods
     Case("GET on a rerank route", b"", 405, method="GET"),
     Case("unknown route", standard(), 404, path="/v1/nothing"),
-    Case("an X-Request-ID that is not sane is replaced", standard(), 200,
-         headers={**JSON_AUTH, "X-Request-ID": "x" * 500}),
+    Case(
+        "an X-Request-ID that is not sane is replaced",
+        standard(),
+        200,
+        headers={**JSON_AUTH, "X-Request-ID": "x" * 500},
+    ),
 ]
 
 
@@ -218,8 +300,12 @@ CATALOGUE = [
 def guarded_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """A real server with an API key and debug logging (so even debug lines are searched for secrets)."""
     server = start_server(
-        tiny_model_dir, tmp_path_factory.mktemp("guarded"), workers=2,
-        **BASE_SETTINGS, RERANKER_API_KEY=API_KEY, RERANKER_LOG_LEVEL="debug",
+        tiny_model_dir,
+        tmp_path_factory.mktemp("guarded"),
+        workers=2,
+        **BASE_SETTINGS,
+        RERANKER_API_KEY=API_KEY,
+        RERANKER_LOG_LEVEL="debug",
         RERANKER_MAX_WINDOWS_PER_REQUEST="256",
     )
     yield server
@@ -236,8 +322,9 @@ def reference(guarded_server: ServerProcess) -> tuple[dict[str, Any], dict[int, 
 def test_catalogue_gets_the_documented_status_and_the_worker_keeps_serving(
     guarded_server: ServerProcess, reference: tuple[dict[str, Any], dict[int, float], list[int]], case: Case
 ) -> None:
-    response = httpx.request(case.method, f"{guarded_server.base_url}{case.path}", headers=case.headers,
-                             content=case.content(), timeout=60)
+    response = httpx.request(
+        case.method, f"{guarded_server.base_url}{case.path}", headers=case.headers, content=case.content(), timeout=60
+    )
     assert response.status_code == case.status, response.text[:500]
     assert response.headers["content-type"].startswith("application/json")
     if case.status >= 400:

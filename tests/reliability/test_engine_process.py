@@ -57,8 +57,10 @@ def http_worker_pids(server: ServerProcess) -> list[int]:
 def test_engine_mode_scores_as_inline_does_with_one_model_copy(server_factory: Callable[..., ServerProcess]) -> None:
     bodies = make_bodies(6, seed=21)
     # Large requests are tokenised in parts in parallel, chunked ones too: windows must land on their documents.
-    bodies += [{**body, "max_chunks_per_doc": 3, "overlap_tokens": 8}
-               for body in make_bodies(2, documents=(48, 48), doc_words=(20, 700), seed=26)]
+    bodies += [
+        {**body, "max_chunks_per_doc": 3, "overlap_tokens": 8}
+        for body in make_bodies(2, documents=(48, 48), doc_words=(20, 700), seed=26)
+    ]
     inline = server_factory(workers=1, RERANKER_ENGINE="inline")
     expected = reference_scores(inline.base_url, bodies)
     server = server_factory(workers=3, **ENGINE)
@@ -91,13 +93,20 @@ def test_a_killed_engine_fails_readiness_and_is_replaced(server_factory: Callabl
         time.sleep(1)
         killed_at = time.monotonic()
         os.kill(victim, signal.SIGKILL)
-        wait_for(lambda: httpx.get(f"{server.base_url}/ready", timeout=5).status_code == 503, timeout=10,
-                 interval=0.05, what="/ready 503 once the engine is gone")
+        wait_for(
+            lambda: httpx.get(f"{server.base_url}/ready", timeout=5).status_code == 503,
+            timeout=10,
+            interval=0.05,
+            what="/ready 503 once the engine is gone",
+        )
         ready_in = wait_for(
-            lambda: engine_pids(server) not in ([], [victim])
-            and httpx.get(f"{server.base_url}/ready", timeout=5).status_code == 200
-            and metric(scrape(server.base_url), "reranker_ready_workers") == 2,
-            timeout=60, what="a replacement engine, ready",
+            lambda: (
+                engine_pids(server) not in ([], [victim])
+                and httpx.get(f"{server.base_url}/ready", timeout=5).status_code == 200
+                and metric(scrape(server.base_url), "reranker_ready_workers") == 2
+            ),
+            timeout=60,
+            what="a replacement engine, ready",
         )
         time.sleep(2)  # and it serves on
     finally:
@@ -121,13 +130,15 @@ def test_sigterm_drains_every_accepted_request_through_the_engine(
     server_factory: Callable[..., ServerProcess],
 ) -> None:
     graceful_timeout = 15
-    server = server_factory(workers=2, RERANKER_MAX_BATCH_PAIRS="1", RERANKER_GRACEFUL_TIMEOUT=str(graceful_timeout),
-                            **ENGINE)
+    server = server_factory(
+        workers=2, RERANKER_MAX_BATCH_PAIRS="1", RERANKER_GRACEFUL_TIMEOUT=str(graceful_timeout), **ENGINE
+    )
     bodies = make_bodies(12, documents=(200, 200), doc_words=(20, 40), seed=23)
     expected = reference_scores(server.base_url, bodies)
     (engine,) = engine_pids(server)
-    queued, answers, signalled = sigterm_with_backlog(server.base_url, server.process, bodies, expected,
-                                                      accept_timeout=30, request_timeout=60)
+    queued, answers, signalled = sigterm_with_backlog(
+        server.base_url, server.process, bodies, expected, accept_timeout=30, request_timeout=60
+    )
     code = server.process.wait(graceful_timeout + 15)
     exited_in = time.monotonic() - signalled
     print(f"\nSIGTERM with {queued:.0f} pairs queued in the engine: exit {code} in {exited_in:.2f}s")
@@ -148,8 +159,15 @@ def test_a_client_that_leaves_takes_its_pairs_out_of_the_engine_queue(
     before = scrape(server.base_url)
     with ThreadPoolExecutor(len(background)) as pool:
         futures = [pool.submit(httpx.post, f"{server.base_url}/v1/rerank", json=b, timeout=60) for b in background]
-        wait_for(lambda: metric(scrape(server.base_url), "reranker_documents_total")
-                 - metric(before, "reranker_documents_total") >= 1600, timeout=30, interval=0.02, what="the backlog")
+        wait_for(
+            lambda: (
+                metric(scrape(server.base_url), "reranker_documents_total") - metric(before, "reranker_documents_total")
+                >= 1600
+            ),
+            timeout=30,
+            interval=0.02,
+            what="the backlog",
+        )
         with pytest.raises(httpx.TimeoutException):
             httpx.post(f"{server.base_url}/v1/rerank", json=leaver, timeout=0.3)
         answers = [future.result() for future in futures]
@@ -173,7 +191,8 @@ def test_a_full_worker_queue_is_a_429_with_retry_after(server_factory: Callable[
     assert not result.wrong()
     refused = [o for o in result.outcomes if o.status == 429]
     assert all(o.envelope_ok and o.retry_after is not None and int(o.retry_after) >= 1 for o in refused)
-    too_big = httpx.post(f"{server.base_url}/v1/rerank", json=make_bodies(1, documents=(65, 65), seed=25)[0],
-                         timeout=10)
+    too_big = httpx.post(
+        f"{server.base_url}/v1/rerank", json=make_bodies(1, documents=(65, 65), seed=25)[0], timeout=10
+    )
     assert too_big.status_code == 413 and "RERANKER_MAX_QUEUE_PAIRS" in too_big.json()["error"]["message"]
     assert metric(scrape(server.base_url), "reranker_rejected_total", reason="overloaded") == statuses[429]

@@ -53,10 +53,13 @@ def test_kill_9_of_one_worker_under_load_fails_only_its_own_requests(
         killed_at = time.monotonic()
         os.kill(victim, signal.SIGKILL)
         ready_in = wait_for(
-            lambda: victim not in server.worker_pids()
-            and len(server.worker_pids()) == 2
-            and metric(scrape(server.base_url), "reranker_ready_workers") == 2,
-            timeout=60, what="a ready replacement worker",
+            lambda: (
+                victim not in server.worker_pids()
+                and len(server.worker_pids()) == 2
+                and metric(scrape(server.base_url), "reranker_ready_workers") == 2
+            ),
+            timeout=60,
+            what="a ready replacement worker",
         )
         time.sleep(3)  # and it serves on
     finally:
@@ -97,8 +100,9 @@ def test_sigterm_under_load_completes_every_accepted_request_and_exits_in_time(
     server = server_factory(workers=2, RERANKER_MAX_BATCH_PAIRS="1", RERANKER_GRACEFUL_TIMEOUT=str(graceful_timeout))
     bodies = make_bodies(12, documents=(200, 200), doc_words=(20, 40), seed=3)
     expected = reference_scores(server.base_url, bodies)
-    queued, answers, signalled = sigterm_with_backlog(server.base_url, server.process, bodies, expected,
-                                                      accept_timeout=30, request_timeout=60)
+    queued, answers, signalled = sigterm_with_backlog(
+        server.base_url, server.process, bodies, expected, accept_timeout=30, request_timeout=60
+    )
     code = server.process.wait(graceful_timeout + 15)
     exited_in = time.monotonic() - signalled
     print(f"\nSIGTERM with {queued:.0f} pairs queued: answers {answers}; exit {code} in {exited_in:.2f}s")
@@ -123,8 +127,15 @@ def test_a_client_that_leaves_takes_its_queued_pairs_with_it(server_factory: Cal
         futures = [
             pool.submit(httpx.post, f"{server.base_url}/v1/rerank", json=body, timeout=60) for body in background
         ]
-        wait_for(lambda: metric(scrape(server.base_url), "reranker_documents_total")
-                 - metric(before, "reranker_documents_total") >= 1600, timeout=30, interval=0.02, what="the backlog")
+        wait_for(
+            lambda: (
+                metric(scrape(server.base_url), "reranker_documents_total") - metric(before, "reranker_documents_total")
+                >= 1600
+            ),
+            timeout=30,
+            interval=0.02,
+            what="the backlog",
+        )
         with pytest.raises(httpx.TimeoutException):
             httpx.post(f"{server.base_url}/v1/rerank", json=leaver, timeout=0.3, headers={"X-Request-ID": "leaver-1"})
         answers = [future.result() for future in futures]

@@ -81,8 +81,10 @@ def test_past_capacity_it_sheds_with_429_and_retry_after_stays_healthy_and_recov
     # As soon as the load drops, the next request is served.
     response = httpx.post(f"{server.base_url}/v1/rerank", json=bodies[0], timeout=10)
     recovered_in = time.monotonic() - load_ended
-    print(f"\noverload: {result.summary()}; probes {Counter((p, s) for p, s, _ in probes)}; "
-          f"first request after the load answered in {recovered_in * 1000:.0f} ms")
+    print(
+        f"\noverload: {result.summary()}; probes {Counter((p, s) for p, s, _ in probes)}; "
+        f"first request after the load answered in {recovered_in * 1000:.0f} ms"
+    )
 
     statuses = result.statuses()
     assert set(statuses) <= {200, 429}, statuses

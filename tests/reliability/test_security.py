@@ -58,8 +58,9 @@ def test_the_key_guards_every_route_but_the_open_ones(make_client: Callable[...,
                 assert response.status_code == 401, (method, path, headers)
                 assert response.headers["www-authenticate"] == 'Bearer realm="reranker"'
         if path not in OPEN_PATHS:
-            good = client.request(method, path, headers={"Authorization": f"Bearer {KEY}"},
-                                  json=body if method == "POST" else None)
+            good = client.request(
+                method, path, headers={"Authorization": f"Bearer {KEY}"}, json=body if method == "POST" else None
+            )
             assert good.status_code == 200, (method, path, good.text)
 
 
@@ -71,8 +72,9 @@ def test_metrics_can_be_put_behind_the_key(make_client: Callable[..., TestClient
     assert client.get("/health").status_code == 200 and client.get("/ready").status_code == 200
 
 
-def test_the_key_is_compared_in_constant_time(make_client: Callable[..., TestClient],
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_key_is_compared_in_constant_time(
+    make_client: Callable[..., TestClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
     compared: list[tuple[bytes, bytes]] = []
     real = hmac.compare_digest
 
@@ -99,8 +101,14 @@ def test_neither_key_nor_text_is_logged_even_when_a_request_fails(
     backend.fail_next_forward = True  # a server fault: logged with its traceback, but not with the request
     assert client.post("/v1/rerank", json={"query": SENTINEL, "documents": documents}, headers=auth).status_code == 500
     assert client.post("/v1/rerank", json={"query": 1, "documents": documents}, headers=auth).status_code == 422
-    assert client.post("/v1/rerank", json={"query": SENTINEL, "documents": documents},
-                       headers={"Authorization": f"Bearer {SENTINEL}"}).status_code == 401
+    assert (
+        client.post(
+            "/v1/rerank",
+            json={"query": SENTINEL, "documents": documents},
+            headers={"Authorization": f"Bearer {SENTINEL}"},
+        ).status_code
+        == 401
+    )
     logged = "\n".join(f"{record.getMessage()} {record.exc_text or ''}" for record in caplog.records)
     assert "forward pass of" in logged  # the fault was logged ...
     assert KEY not in logged and SENTINEL not in logged  # ... without the key or any text
