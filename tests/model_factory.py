@@ -327,9 +327,27 @@ def _special(content: str, token_id: int, *, lstrip: bool = False) -> dict[str, 
     }
 
 
+def _unigram_tokenizer(proto: Any, vocab: list[tuple[str, float]], *, replacements: tuple[str, ...] = ()) -> Any:
+    """What transformers' SentencePiece converters build from a trained model: its Unigram pieces, its
+    normalisation rules, Metaspace pre-tokenising (the caller adds the post-processor and special tokens)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    tokenizer = Tokenizer(models.Unigram(vocab, unk_id=3, byte_fallback=False))
+    tokenizer.normalizer = normalizers.Sequence(
+        [
+            *(normalizers.Replace(old, '"') for old in replacements),
+            normalizers.Precompiled(proto.normalizer_spec.precompiled_charsmap),
+            normalizers.Replace(Regex(" {2,}"), " "),
+        ]
+    )
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    return tokenizer
+
+
 def _xlmr_tokenizer(target: Path) -> int:
     """sentencepiece.bpe.model + the tokenizer.json that transformers' XLM-R converter writes from it."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers import AddedToken, processors
 
     proto = _train_sentencepiece()
     (target / "sentencepiece.bpe.model").write_bytes(proto.SerializeToString())
@@ -337,15 +355,7 @@ def _xlmr_tokenizer(target: Path) -> int:
     vocab = [("<s>", 0.0), ("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
     vocab += [(piece.piece, piece.score) for piece in proto.pieces[3:]]
     vocab.append(("<mask>", 0.0))
-    tokenizer = Tokenizer(models.Unigram(vocab, unk_id=3, byte_fallback=False))
-    tokenizer.normalizer = normalizers.Sequence(
-        [
-            normalizers.Precompiled(proto.normalizer_spec.precompiled_charsmap),
-            normalizers.Replace(Regex(" {2,}"), " "),
-        ]
-    )
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
-    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tokenizer = _unigram_tokenizer(proto, vocab)
     tokenizer.post_processor = processors.TemplateProcessing(
         single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
     )
@@ -354,49 +364,34 @@ def _xlmr_tokenizer(target: Path) -> int:
     )
     tokenizer.add_special_tokens([AddedToken("<mask>", special=True, normalized=False, lstrip=True)])
     tokenizer.save(str(target / "tokenizer.json"))
-    return tokenizer.get_vocab_size()
+    return int(tokenizer.get_vocab_size())
 
 
 def _deberta_tokenizer(target: Path) -> int:
     """spm.model + the tokenizer.json of DeBERTa-v2's converter: [CLS] A [SEP] B [SEP], type ids 0/1."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers import AddedToken, processors
 
+    specials = {"pad": "[PAD]", "bos": "[CLS]", "eos": "[SEP]", "unk": "[UNK]"}
     proto = _train_sentencepiece(
-        pad_id=0,
-        bos_id=1,
-        eos_id=2,
-        unk_id=3,
-        pad_piece="[PAD]",
-        bos_piece="[CLS]",
-        eos_piece="[SEP]",
-        unk_piece="[UNK]",
+        **{f"{name}_id": index for index, name in enumerate(specials)},
+        **{f"{name}_piece": piece for name, piece in specials.items()},
     )
     (target / "spm.model").write_bytes(proto.SerializeToString())
     vocab = [(piece.piece, piece.score) for piece in proto.pieces]
     mask_id = len(vocab)
     vocab.append(("[MASK]", 0.0))
-    tokenizer = Tokenizer(models.Unigram(vocab, unk_id=3, byte_fallback=False))
-    tokenizer.normalizer = normalizers.Sequence(
-        [
-            normalizers.Replace("``", '"'),
-            normalizers.Replace("''", '"'),
-            normalizers.Precompiled(proto.normalizer_spec.precompiled_charsmap),
-            normalizers.Replace(Regex(" {2,}"), " "),
-        ]
-    )
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
-    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tokenizer = _unigram_tokenizer(proto, vocab, replacements=("``", "''"))
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS]:0 $A:0 [SEP]:0",
         pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
         special_tokens=[("[CLS]", 1), ("[SEP]", 2)],
     )
     tokenizer.add_special_tokens(
-        [AddedToken(token, special=True, normalized=False) for token in ("[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]")]
+        [AddedToken(token, special=True, normalized=False) for token in (*specials.values(), "[MASK]")]
     )
     tokenizer.save(str(target / "tokenizer.json"))
     (target / "added_tokens.json").write_text(json.dumps({"[MASK]": mask_id}))
-    return tokenizer.get_vocab_size()
+    return int(tokenizer.get_vocab_size())
 
 
 def _wordpiece_tokenizer(target: Path) -> int:

@@ -276,35 +276,30 @@ def test_unreadable_weights_say_permission_denied_and_the_uid(
     for path in model_dir.iterdir():
         path.chmod(0o644)
     (model_dir / "model.safetensors").chmod(0o600)  # owned by root, as after a download with umask 077
-    # Import as root (the interpreter and its library may live under /root), then drop to uid 65534.
-    check = (
-        "import os; from pathlib import Path; from app.engine.model_dir import check_files; "
-        f"os.setgid(65534); os.setuid(65534); check_files(Path({str(model_dir)!r}))"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", check],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
-    )
-    assert result.returncode != 0
-    last = result.stderr.strip().splitlines()[-1]
-    assert "permission denied reading model.safetensors" in last and "as uid 65534" in last, result.stderr
+    failed = run_as_nobody(f"from app.engine.model_dir import check_files; check_files(Path({str(model_dir)!r}))")
+    assert failed.returncode != 0
+    last = failed.stderr.strip().splitlines()[-1]
+    assert "permission denied reading model.safetensors" in last and "as uid 65534" in last, failed.stderr
     assert "mode 0600" in last and "chmod" in last
     # the settings' cheap check (what readiness re-runs) says the same
-    cheap = (
-        "import os; from pathlib import Path; from app.config import model_dir_problem; "
-        f"os.setgid(65534); os.setuid(65534); print(model_dir_problem(Path({str(model_dir)!r})))"
-    )
-    problem = subprocess.run(
-        [sys.executable, "-c", cheap],
+    problem = run_as_nobody(
+        f"from app.config import model_dir_problem; print(model_dir_problem(Path({str(model_dir)!r})))"
+    ).stdout
+    assert "permission denied reading model.safetensors" in problem and "as uid 65534" in problem, problem
+
+
+def run_as_nobody(code: str) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` as uid 65534: imports first, as root (the interpreter and its library may live under
+    /root), then the uid drops and the statement after the last ``;`` runs."""
+    *imports, statement = code.split("; ")
+    prelude = "; ".join(["import os", "from pathlib import Path", *imports, "os.setgid(65534)", "os.setuid(65534)"])
+    return subprocess.run(
+        [sys.executable, "-c", f"{prelude}; {statement}"],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
-    ).stdout
-    assert "permission denied reading model.safetensors" in problem and "as uid 65534" in problem, problem
+    )
 
 
 def test_load_log_names_what_was_loaded(family_dirs: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
