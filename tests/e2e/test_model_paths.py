@@ -282,7 +282,8 @@ def test_unreadable_weights_fail_up_with_the_one_line_reason(broken: Stack) -> N
     assert f'service "{FETCH}" didn\'t complete successfully: exit 2' in output, output
     assert time.monotonic() - started < 120
     (line,) = broken.service_logs(FETCH)  # one line, nothing else
-    assert line.startswith("reranker: model directory /model: ") and EXPECTED in line, line
+    # The settings' own check catches it first ("invalid configuration: RERANKER_MODEL_PATH: ..."), naming the variable.
+    assert line.startswith("reranker: ") and f"model directory /model: {EXPECTED}" in line, line
     assert "as uid 10001" in line and "(owner uid 0, mode 0600)" in line and "chmod" in line, line
     state = broken.inspect()["State"]
     assert state["Status"] == "created" and broken.inspect()["RestartCount"] == 0, state  # type: ignore[index]
