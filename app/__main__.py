@@ -57,15 +57,8 @@ def unreadable_files(path: Path) -> str | None:
 
 def preflight(model_path: Path, *, max_length: int) -> str:
     """Check the model directory; return a one-line description of what will be served, or raise PreflightError."""
-    try:
-        from app.engine.model_dir import ModelLoadError, inspect_model_dir
-    except ImportError:  # an engine without the full check: the cheap file checks only
-        from app.config import model_dir_problem
+    from app.engine.model_dir import ModelLoadError, inspect_model_dir
 
-        problem = model_dir_problem(model_path) or unreadable_files(model_path)
-        if problem:
-            raise PreflightError(problem) from None
-        return f"model directory {model_path}: files present"
     try:
         info = inspect_model_dir(model_path, max_length=max_length)
     except ModelLoadError as error:

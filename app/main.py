@@ -38,9 +38,9 @@ def configured_backend_factory(settings: Settings) -> Callable[[], Backend]:
 
 def worker_encoder_factory(settings: Settings) -> Callable[[], PairEncoder]:
     def load() -> PairEncoder:
-        from app.engine.encoder_only import load_encoder
+        from app.engine.model_dir import load_pair_encoder  # the tokenizer only: no weights in a worker
 
-        return load_encoder(settings)
+        return load_pair_encoder(settings)
 
     return load
 

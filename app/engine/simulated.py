@@ -29,7 +29,7 @@ import numpy as np
 
 from app.config import Settings, model_dir_problem
 from app.engine.base import EncodedPair
-from app.engine.encoder_only import load_encoder
+from app.engine.model_dir import load_pair_encoder
 
 # libc through ctypes.PyDLL: its calls keep the GIL (ctypes.CDLL would release it).
 _LIBC_WITH_GIL = ctypes.PyDLL(None)
@@ -44,7 +44,7 @@ def hold_gil_for(seconds: float) -> None:
 class SimulatedDevice:
     def __init__(self, settings: Settings) -> None:
         self.model_path = settings.model_path
-        self.encoder = load_encoder(settings)  # exactly what an HTTP worker encodes with
+        self.encoder = load_pair_encoder(settings)  # exactly what an HTTP worker encodes with
         self.token_s = settings.simulated_token_us * 1e-6
         self.launches = settings.simulated_launches
         self.launch_s = settings.simulated_launch_us * 1e-6
