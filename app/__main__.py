@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import signal
-import stat
 import sys
 import time
 import traceback
@@ -37,24 +36,6 @@ class PreflightError(Exception):
     """The model cannot be served; ``str()`` is one line naming the path, the reason and the fix."""
 
 
-def unreadable_files(path: Path) -> str | None:
-    """Why this uid cannot read the model's files, or None. Checked with the uid itself: ``is_file`` and ``stat``
-    succeed on a file that ``open`` refuses, and the loader then reports a misleading "No such file"."""
-    for entry in sorted(path.rglob("*")):
-        try:
-            readable = os.access(entry, os.R_OK | (os.X_OK if entry.is_dir() else 0))
-        except OSError:
-            readable = False
-        if not readable:
-            info = entry.stat()
-            return (
-                f"model directory {path}: permission denied reading {entry.relative_to(path)} (owner uid "
-                f"{info.st_uid}, mode {stat.S_IMODE(info.st_mode):04o}) as uid {os.getuid()}; fix: make the "
-                f"files readable by that uid, e.g. chmod -R a+rX on the host directory"
-            )
-    return None
-
-
 def preflight(model_path: Path, *, max_length: int) -> str:
     """Check the model directory; return a one-line description of what will be served, or raise PreflightError."""
     from app.engine.model_dir import ModelLoadError, inspect_model_dir
@@ -63,9 +44,6 @@ def preflight(model_path: Path, *, max_length: int) -> str:
         info = inspect_model_dir(model_path, max_length=max_length)
     except ModelLoadError as error:
         raise PreflightError(str(error)) from None
-    problem = unreadable_files(model_path)  # e.g. weights in a subfolder, which the engine's check does not list
-    if problem:
-        raise PreflightError(problem)
     return f"model directory {model_path}: {info.architecture}, max_length {info.max_length}, {info.tokenizer_class}"
 
 

@@ -22,16 +22,13 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from app.config import Settings, model_dir_problem
 from app.engine.base import PairEncoder, PairTemplate
-
-if TYPE_CHECKING:
-    from app.config import Settings
 
 # Nothing is ever fetched at run time; set before transformers is imported.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -83,41 +80,11 @@ class ModelInfo:
 # --- files ------------------------------------------------------------------------------------------------------
 
 
-def _unreadable(path: Path) -> str:
-    try:
-        info = path.stat()
-        detail = f"owner uid {info.st_uid}, mode {stat.S_IMODE(info.st_mode):04o}"
-    except OSError as error:
-        detail = error.strerror or str(error)
-    return (
-        f"model directory {path.parent}: permission denied reading {path.name} ({detail}) as uid {os.getuid()}; "
-        f"fix: make the files world-readable (chmod -R a+rX {path.parent}) or run the container as the owner"
-    )
-
-
 def check_files(path: Path) -> None:
-    """Raise :class:`ModelLoadError` unless ``path`` is a directory whose model files this process can read."""
-    if not path.exists():
-        raise ModelLoadError(
-            f"model directory {path} does not exist; fix: mount the model there or set RERANKER_MODEL_PATH"
-        )
-    if not path.is_dir():
-        raise ModelLoadError(f"model path {path} is not a directory; fix: point RERANKER_MODEL_PATH at the folder")
-    if not os.access(path, os.R_OK | os.X_OK):
-        info = path.stat()
-        raise ModelLoadError(
-            f"model directory {path}: permission denied listing it (owner uid {info.st_uid}, mode "
-            f"{stat.S_IMODE(info.st_mode):04o}) as uid {os.getuid()}; fix: chmod -R a+rX {path}"
-        )
-    config = path / "config.json"
-    if not config.is_file():
-        raise ModelLoadError(
-            f"model directory {path} has no config.json; fix: point RERANKER_MODEL_PATH at a Hugging Face model "
-            "folder (config.json, tokenizer files, weights), not its parent or a single file"
-        )
-    for entry in path.iterdir():
-        if entry.is_file() and not os.access(entry, os.R_OK):
-            raise ModelLoadError(_unreadable(entry))
+    """Raise :class:`ModelLoadError` unless ``path`` is a model directory whose files this process can read."""
+    problem = model_dir_problem(path)
+    if problem:
+        raise ModelLoadError(problem)
 
 
 def read_config(path: Path) -> dict[str, Any]:
