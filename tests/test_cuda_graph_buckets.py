@@ -37,3 +37,17 @@ def test_a_batch_runs_in_the_smallest_shape_that_holds_it() -> None:
     assert graphs.shape_for(64, 256) is None
     assert graphs.shape_for(2, 600) is None
     assert planned(max_batch_pairs=16).shape_for(20, 32) is None
+
+
+def test_a_batch_is_written_into_a_larger_fixed_shape() -> None:
+    """How a graph's pinned input buffers are filled (and, at its own shape, the eager path's arrays)."""
+    import numpy as np
+
+    from app.engine.base import EncodedPair, write_padded
+
+    ids, mask, types = (np.full((3, 6), 7, dtype=np.int64) for _ in range(3))  # stale values from a last batch
+    pairs = [EncodedPair([0, 5, 2], [0, 0, 1]), EncodedPair([0, 6, 6, 6, 2], [0, 0, 0, 1, 1])]
+    write_padded(pairs, ids, mask, types, pad_id=1)
+    assert ids.tolist() == [[0, 5, 2, 1, 1, 1], [0, 6, 6, 6, 2, 1], [1, 1, 1, 1, 1, 1]]
+    assert mask.tolist() == [[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0], [1, 0, 0, 0, 0, 0]]
+    assert types.tolist() == [[0, 0, 1, 0, 0, 0], [0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 0, 0]]

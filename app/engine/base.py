@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +86,24 @@ class PairTemplate:
             *(self.suffix_types or (self.second_type,) * len(self.suffix)),
         ]
         return EncodedPair(ids, types)
+
+
+def write_padded(
+    pairs: Sequence[EncodedPair], input_ids: Any, attention: Any, types: Any | None, *, pad_id: int
+) -> None:
+    """Write ``pairs`` into the first rows of preallocated ``(rows, columns)`` integer arrays (numpy): token ids
+    right-padded with ``pad_id``, attention 1 on real tokens, type ids where the model reads them (``types``).
+    Rows past the pairs (a CUDA graph's fixed shape) attend to their first, pad, token: finite, and unread."""
+    input_ids.fill(pad_id)
+    attention.fill(0)
+    attention[len(pairs) :, 0] = 1
+    if types is not None:
+        types.fill(0)
+    for row, pair in enumerate(pairs):
+        input_ids[row, : len(pair)] = pair.input_ids
+        attention[row, : len(pair)] = 1
+        if types is not None:
+            types[row, : len(pair)] = pair.type_ids
 
 
 class PairEncoder:

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from app.engine.base import EncodedPair
+from app.engine.base import EncodedPair, write_padded
 
 logger = logging.getLogger(__name__)
 
@@ -120,18 +120,10 @@ class CudaGraphs:
         if shape is None:
             return None
         entry = self._graphs[shape]
-        ids, mask = entry.host["input_ids"].numpy(), entry.host["attention_mask"].numpy()
         types = entry.host["token_type_ids"].numpy() if self.uses_type_ids else None
-        ids.fill(self.pad_id)
-        mask.fill(0)
-        mask[:, 0] = 1  # padding rows attend to their one (pad) token: a finite result nobody reads
-        if types is not None:
-            types.fill(0)
-        for row, pair in enumerate(pairs):
-            ids[row, : len(pair)] = pair.input_ids
-            mask[row, : len(pair)] = 1
-            if types is not None:
-                types[row, : len(pair)] = pair.type_ids
+        write_padded(
+            pairs, entry.host["input_ids"].numpy(), entry.host["attention_mask"].numpy(), types, pad_id=self.pad_id
+        )
         for name, buffer in entry.host.items():
             entry.inputs[name].copy_(buffer, non_blocking=True)  # pinned: the copy queues behind nothing
         entry.graph.replay()

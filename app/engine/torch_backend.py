@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from app.config import Compile, Device, DType, Settings, model_dir_problem
-from app.engine.base import EncodedPair
+from app.engine.base import EncodedPair, write_padded
 from app.engine.cuda_graphs import CudaGraphs
 from app.engine.first_token import prune_last_layer, restore_last_layer
 from app.engine.model_dir import ModelLoadError, open_model_dir
@@ -186,12 +186,17 @@ class TorchBackend:
         if self.compiled:
             self._run = self._compiled_model()
 
+    def _padded_probe(self) -> list[EncodedPair]:
+        """Pairs of different lengths, so a batch of them is padded and the mask is exercised: what the load-time
+        checks (first-token last layer, CUDA graphs) compare against the plain model."""
+        return self.encoder.encode(
+            "which passage mentions the harbour", ["the harbour was busy", "a short one", "x " * 40]
+        ).pairs
+
     def _prune_last_layer(self) -> bool:
         """Run the last layer for the first token only (first_token.py) if the model is laid out for it and a
         probe batch scores the same both ways; otherwise leave the model as it was."""
-        probe = self.encoder.encode(
-            "which passage mentions the harbour", ["the harbour was busy", "a short one", "x " * 40]
-        ).pairs  # different lengths: padded, so the mask is exercised too
+        probe = self._padded_probe()
         full = np.array(self._forward(probe, self.model, autocast=False))
         original = prune_last_layer(self.model, float32_path=self.weights_dtype != self.dtype)
         if original is None:
@@ -302,15 +307,10 @@ class TorchBackend:
             replayed = self.graphs.run(pairs)
             if replayed is not None:
                 return self._scores(replayed)
-        longest = max(len(pair) for pair in pairs)
-        input_ids = np.full((len(pairs), longest), self.pad_id, dtype=np.int64)
-        attention = np.zeros((len(pairs), longest), dtype=np.int64)
-        types = np.zeros((len(pairs), longest), dtype=np.int64) if self.uses_type_ids else None
-        for row, pair in enumerate(pairs):
-            input_ids[row, : len(pair)] = pair.input_ids
-            attention[row, : len(pair)] = 1
-            if types is not None:
-                types[row, : len(pair)] = pair.type_ids
+        shape = (len(pairs), max(len(pair) for pair in pairs))
+        input_ids, attention = np.empty(shape, dtype=np.int64), np.empty(shape, dtype=np.int64)
+        types = np.empty(shape, dtype=np.int64) if self.uses_type_ids else None
+        write_padded(pairs, input_ids, attention, types, pad_id=self.pad_id)
         inputs = {
             "input_ids": torch.from_numpy(input_ids).to(self.device, non_blocking=True),
             "attention_mask": torch.from_numpy(attention).to(self.device, non_blocking=True),
@@ -357,9 +357,7 @@ class TorchBackend:
             pad_id=self.pad_id,
             uses_type_ids=self.uses_type_ids,
         )
-        probe = self.encoder.encode(
-            "which passage mentions the harbour", ["the harbour was busy", "a short one", "x " * 40]
-        ).pairs
+        probe = self._padded_probe()
         try:
             with self._autocast():
                 graphs.capture()
