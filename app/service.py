@@ -160,9 +160,8 @@ class RerankService:
         dtype, device), for ``/v1/models`` and ``/info``; empty until the model is ready."""
         if self.backend is not None:
             return dict(self.backend.describe())
-        engines = getattr(self, "engines", None)
-        if engines is not None and engines.connections:
-            return dict(engines.connections[0].facts.get("describe") or {})
+        if self.engines is not None and self.engines.connections:
+            return dict(self.engines.connections[0].facts.get("describe") or {})
         return {}
 
     async def stop(self) -> None:

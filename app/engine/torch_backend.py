@@ -106,13 +106,12 @@ def resolve_dtype(dtype: DType, device: torch.device) -> torch.dtype:
     return {DType.float32: torch.float32, DType.float16: torch.float16, DType.bfloat16: torch.bfloat16}[dtype]
 
 
-def weights_dtype(compute: torch.dtype, device: torch.device) -> torch.dtype:
+def weights_dtype(compute: torch.dtype) -> torch.dtype:
     """The dtype the weights are kept in: float32 under bf16 autocast (CPU and CUDA), else the compute dtype.
 
     bf16 weights and activations throughout (8 significant bits in the residual stream and layer norms) swap
     clearly separated documents; under autocast only the matrix products round to bf16.
     """
-    del device  # the same on every device; kept so callers state where the weights will live
     return torch.float32 if compute is torch.bfloat16 else compute
 
 
@@ -153,7 +152,7 @@ class TorchBackend:
         self.model_path = settings.model_path
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.dtype, self.device)  # the dtype of the matrix products
-        self.weights_dtype = weights_dtype(self.dtype, self.device)
+        self.weights_dtype = weights_dtype(self.dtype)
         self.slice_tokens = CPU_SLICE_TOKENS if self.device.type == "cpu" else None
         self.compile_mode = settings.torch_compile
         self.compiled = self.compile_mode is Compile.on or (
