@@ -29,6 +29,15 @@ DOCS = ["Is it sunny today?", make_words(40, seed=1), make_words(120, seed=2), "
 # (name, method, path, headers, body, dialect): each RAGFlow provider's exact request, then the other clients'.
 FERN = {"X-Fern-Language": "Python", "X-Fern-SDK-Name": "cohere", "X-Fern-SDK-Version": "5.6.2"}
 BEARER = {"Authorization": "Bearer x"}
+# RAGFlow's NVIDIA provider (Python) posts this to .../reranking; for its Go server's .../ranking the same NVIDIA
+# body is assumed (the paths come from the issue; the Go source was not read).
+NVIDIA_BODY = {
+    "model": "m",
+    "query": {"text": QUERY},
+    "passages": [{"text": d} for d in DOCS],
+    "truncate": "END",
+    "top_n": 5,
+}
 SHAPES: list[tuple[str, str, dict[str, str], dict[str, Any], str]] = [
     (
         "ragflow-openai-compatible-v0.24",
@@ -97,52 +106,28 @@ SHAPES: list[tuple[str, str, dict[str, str], dict[str, Any], str]] = [
         "ragflow-nvidia-v0.27",
         "/v1/reranking",
         BEARER,
-        {
-            "model": "m",
-            "query": {"text": QUERY},
-            "passages": [{"text": d} for d in DOCS],
-            "truncate": "END",
-            "top_n": 5,
-        },
+        NVIDIA_BODY,
         "nvidia",
     ),
     (
         "ragflow-nvidia-v0.26",
         "/reranking",
         BEARER,
-        {
-            "model": "m",
-            "query": {"text": QUERY},
-            "passages": [{"text": d} for d in DOCS],
-            "truncate": "END",
-            "top_n": 5,
-        },
+        NVIDIA_BODY,
         "nvidia",
     ),
     (
         "ragflow-nvidia-go-server",
         "/v1/ranking",
         BEARER,
-        {
-            "model": "m",
-            "query": {"text": QUERY},
-            "passages": [{"text": d} for d in DOCS],
-            "truncate": "END",
-            "top_n": 5,
-        },
+        NVIDIA_BODY,
         "nvidia",
     ),
     (
         "ragflow-nvidia-go-server-no-v1",
         "/ranking",
         BEARER,
-        {
-            "model": "m",
-            "query": {"text": QUERY},
-            "passages": [{"text": d} for d in DOCS],
-            "truncate": "END",
-            "top_n": 5,
-        },
+        NVIDIA_BODY,
         "nvidia",
     ),
     (
