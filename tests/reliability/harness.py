@@ -298,6 +298,44 @@ class LoadGenerator:
 Probe = tuple[str, int | str, float]  # path, HTTP status or error name, seconds
 
 
+def leave_during_backlog(base_url: str, *, request_id: str = "leaver") -> tuple[float, float]:
+    """A client leaves while its pairs wait: returns (pairs cancelled, pairs scored) meanwhile.
+
+    Meant for a server that runs one pair per forward pass (RERANKER_MAX_BATCH_PAIRS=1): 4 × 400 background pairs
+    make a backlog of about a second; then a client sends 150 pairs and gives up after 0.3 s. Its documents are
+    longer than the backlog's, so sorted by length they would run last even in the same round. The background
+    requests must all be answered with their reference scores.
+    """
+    background = make_bodies(4, documents=(400, 400), doc_words=(10, 20), seed=5)
+    leaver = make_bodies(1, documents=(150, 150), doc_words=(100, 120), seed=6)[0]
+    expected = reference_scores(base_url, background)
+    before = scrape(base_url)
+    with ThreadPoolExecutor(len(background)) as pool:
+        futures = [pool.submit(httpx.post, f"{base_url}/v1/rerank", json=body, timeout=60) for body in background]
+        wait_for(
+            lambda: (
+                metric(scrape(base_url), "reranker_documents_total") - metric(before, "reranker_documents_total")
+                >= 1600
+            ),
+            timeout=30,
+            interval=0.02,
+            what="the backlog",
+        )
+        try:
+            httpx.post(f"{base_url}/v1/rerank", json=leaver, timeout=0.3, headers={"X-Request-ID": request_id})
+        except httpx.TimeoutException:
+            pass
+        else:
+            raise AssertionError("the leaving client was answered within 0.3 s: there was no backlog to leave")
+        answers = [future.result() for future in futures]
+    assert all(a.status_code == 200 and same_scores(a.json(), e) for a, e in zip(answers, expected, strict=True))
+    wait_for(lambda: metric(scrape(base_url), "reranker_queue_depth") == 0, timeout=10, what="an empty queue")
+    after = scrape(base_url)
+    cancelled = metric(after, "reranker_pairs_cancelled_total") - metric(before, "reranker_pairs_cancelled_total")
+    scored = metric(after, "reranker_pairs_scored_total") - metric(before, "reranker_pairs_scored_total")
+    return cancelled, scored
+
+
 @contextlib.contextmanager
 def probing_health(base_url: str, *, interval_s: float) -> Iterator[list[Probe]]:
     """Probe /health and /ready every ``interval_s`` in a thread while the block runs; yields the probes."""

@@ -12,7 +12,6 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -20,11 +19,11 @@ import pytest
 
 from tests.reliability.harness import (
     LoadGenerator,
+    leave_during_backlog,
     make_bodies,
     metric,
     pid_alive,
     reference_scores,
-    same_scores,
     scrape,
     sigterm_with_backlog,
     wait_for,
@@ -153,29 +152,7 @@ def test_a_client_that_leaves_takes_its_pairs_out_of_the_engine_queue(
     server_factory: Callable[..., ServerProcess],
 ) -> None:
     server = server_factory(workers=1, RERANKER_MAX_BATCH_PAIRS="1", **ENGINE)
-    background = make_bodies(4, documents=(400, 400), doc_words=(10, 20), seed=5)
-    leaver = make_bodies(1, documents=(150, 150), doc_words=(100, 120), seed=6)[0]
-    expected = reference_scores(server.base_url, background)
-    before = scrape(server.base_url)
-    with ThreadPoolExecutor(len(background)) as pool:
-        futures = [pool.submit(httpx.post, f"{server.base_url}/v1/rerank", json=b, timeout=60) for b in background]
-        wait_for(
-            lambda: (
-                metric(scrape(server.base_url), "reranker_documents_total") - metric(before, "reranker_documents_total")
-                >= 1600
-            ),
-            timeout=30,
-            interval=0.02,
-            what="the backlog",
-        )
-        with pytest.raises(httpx.TimeoutException):
-            httpx.post(f"{server.base_url}/v1/rerank", json=leaver, timeout=0.3)
-        answers = [future.result() for future in futures]
-    assert all(a.status_code == 200 and same_scores(a.json(), e) for a, e in zip(answers, expected, strict=True))
-    wait_for(lambda: metric(scrape(server.base_url), "reranker_queue_depth") == 0, timeout=10, what="empty queue")
-    after = scrape(server.base_url)
-    cancelled = metric(after, "reranker_pairs_cancelled_total") - metric(before, "reranker_pairs_cancelled_total")
-    scored = metric(after, "reranker_pairs_scored_total") - metric(before, "reranker_pairs_scored_total")
+    cancelled, scored = leave_during_backlog(server.base_url)
     print(f"\nleaver through the engine: {cancelled:.0f} pairs cancelled, {scored:.0f} scored")
     assert cancelled == 150
     assert scored == 1600

@@ -10,7 +10,6 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from app.engine.fake import FakeBackend
 from app.main import create_app
 from tests.reliability.harness import (
     LoadGenerator,
+    leave_during_backlog,
     make_bodies,
     metric,
     reference_scores,
@@ -115,48 +115,12 @@ def test_sigterm_under_load_completes_every_accepted_request_and_exits_in_time(
 
 
 def test_a_client_that_leaves_takes_its_queued_pairs_with_it(server_factory: Callable[..., ServerProcess]) -> None:
-    # One worker, one pair per forward pass: 4 × 400 background pairs make a backlog of about a second.
-    server = server_factory(workers=1, RERANKER_MAX_BATCH_PAIRS="1")
-    background = make_bodies(4, documents=(400, 400), doc_words=(10, 20), seed=5)
-    # Longer documents than the backlog's: sorted by length, they would run last even in the same round.
-    leaver = make_bodies(1, documents=(150, 150), doc_words=(100, 120), seed=6)[0]
-    expected = reference_scores(server.base_url, background)
-    before = scrape(server.base_url)
-
-    with ThreadPoolExecutor(len(background)) as pool:
-        futures = [
-            pool.submit(httpx.post, f"{server.base_url}/v1/rerank", json=body, timeout=60) for body in background
-        ]
-        wait_for(
-            lambda: (
-                metric(scrape(server.base_url), "reranker_documents_total") - metric(before, "reranker_documents_total")
-                >= 1600
-            ),
-            timeout=30,
-            interval=0.02,
-            what="the backlog",
-        )
-        with pytest.raises(httpx.TimeoutException):
-            httpx.post(f"{server.base_url}/v1/rerank", json=leaver, timeout=0.3, headers={"X-Request-ID": "leaver-1"})
-        answers = [future.result() for future in futures]
-    assert all(a.status_code == 200 and same_scores(a.json(), e) for a, e in zip(answers, expected, strict=True))
-
-    after = wait_for_value(lambda: scrape(server.base_url), lambda m: metric(m, "reranker_queue_depth") == 0)
-    cancelled = metric(after, "reranker_pairs_cancelled_total") - metric(before, "reranker_pairs_cancelled_total")
-    scored = metric(after, "reranker_pairs_scored_total") - metric(before, "reranker_pairs_scored_total")
+    server = server_factory(workers=1, RERANKER_MAX_BATCH_PAIRS="1")  # one pair per forward pass: a backlog
+    cancelled, scored = leave_during_backlog(server.base_url, request_id="leaver-1")
     print(f"\nleaver: {cancelled:.0f} pairs cancelled, {scored:.0f} scored")
     assert cancelled == 150  # every pair of the leaver left the queue ...
     assert scored == 1600  # ... and not one forward pass was spent on it
     assert '"request_id": "leaver-1"' in server.log() and '"status": 499' in server.log()
-
-
-def wait_for_value(fetch: Callable[[], str], good: Callable[[str], bool], timeout: float = 10) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fetch()
-        if good(value) or time.monotonic() > deadline:
-            return value
-        time.sleep(0.1)
 
 
 def test_a_vanished_model_directory_fails_readiness_not_answers(
