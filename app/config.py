@@ -228,26 +228,20 @@ TOKENIZER_FILES = ("tokenizer.json", "sentencepiece.bpe.model", "vocab.txt", "sp
 
 
 def model_dir_problem(path: Path) -> str | None:
-    """Why ``path`` is not a loadable model directory, as one line with the path, the reason and the fix; or
-    None. Cheap file checks only (no torch, no CUDA): the settings, the preflight, the loader and readiness use it."""
+    """Why ``path`` is not a loadable model directory, as one line naming the path; or None. Cheap file checks
+    only (no torch, no CUDA): the settings, the preflight, the loader and readiness use it."""
     if not path.exists():
-        return f"model directory {path} does not exist; fix: mount the model there or set RERANKER_MODEL_PATH"
+        return f"model directory {path} does not exist (mount the model there or set RERANKER_MODEL_PATH)"
     if not path.is_dir():
-        return f"model path {path} is not a directory; fix: point RERANKER_MODEL_PATH at the folder"
+        return f"model path {path} is not a directory"
     if not os.access(path, os.R_OK | os.X_OK):
         return _permission_denied(path, path, "listing it")
     if not (path / "config.json").is_file():
-        return (
-            f"model directory {path} has no config.json; fix: point RERANKER_MODEL_PATH at a Hugging Face model "
-            "folder (config.json, tokenizer files, weights), not its parent or a single file"
-        )
+        return f"model directory {path} has no config.json: is it a Hugging Face model directory?"
     if not any((path / name).is_file() for name in WEIGHT_FILES):
-        return f"model directory {path} has no weights ({', '.join(WEIGHT_FILES[:2])}); fix: download the model again"
+        return f"model directory {path} has no weights ({', '.join(WEIGHT_FILES[:2])})"
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
-        return (
-            f"model directory {path} has no tokenizer files (tokenizer.json or sentencepiece.bpe.model); "
-            "fix: download the model again"
-        )
+        return f"model directory {path} has no tokenizer files (tokenizer.json or sentencepiece.bpe.model)"
     # Checked with this uid itself: is_file() and stat() succeed on a file open() refuses, and the loader would
     # then say "No such file or directory". Subfolders too (sharded weights, a 1_Pooling folder).
     for entry in sorted(path.rglob("*")):
