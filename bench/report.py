@@ -33,6 +33,8 @@ class Cell:
     p99_ms: float
     server_cores: float  # CPU the server's processes used during the cell, in cores
     other_load_cores: float  # CPU used by processes outside the benchmark during the cell, in cores
+    # CPU of the load generator (one asyncio thread): near 1.0 it, not the server, sets the figure.
+    client_cores: float = 0.0
     server_extra: dict[str, float] = field(default_factory=dict)  # from the service's /metrics
     ratio_to_baseline: float | None = None
     latency_ratio_to_baseline: float | None = None
@@ -48,6 +50,7 @@ def summarise(
     peak: float,
     server_cores: float,
     other_load_cores: float,
+    client_cores: float = 0.0,
 ) -> Cell:
     ok = [s for s in samples if s.status == 200]
     costs = [prepared.costs[s.request % len(prepared.costs)] for s in ok]
@@ -70,6 +73,7 @@ def summarise(
         p99_ms=percentile(latencies, 99),
         server_cores=server_cores,
         other_load_cores=other_load_cores,
+        client_cores=client_cores,
     )
 
 
@@ -124,7 +128,7 @@ def print_cells(cells: list[Cell], peaks: dict[str, float]) -> None:
     header = (
         f"{'setting':<11}{'clients':>7} {'server':<9}{'req':>5}{'err':>4}{'pairs/s':>9}{'tokens/s':>10}"
         f"{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'GFLOP/s':>9}{'% peak':>8}{'x base':>8}{'p50 x':>7}"
-        f"{'cores':>6}{'other':>6}"
+        f"{'cores':>6}{'load':>6}{'other':>6}"
     )
     print(header)
     print("-" * len(header))
@@ -135,12 +139,13 @@ def print_cells(cells: list[Cell], peaks: dict[str, float]) -> None:
             f"{c.workload:<11}{c.clients:>7} {c.server:<9}{c.requests:>5}{c.errors:>4}{c.pairs_per_s:>9.2f}"
             f"{c.tokens_per_s:>10.0f}{c.p50_ms:>9.0f}{c.p95_ms:>9.0f}{c.p99_ms:>9.0f}"
             f"{c.model_flops_per_s / 1e9:>9.0f}{100 * c.peak_fraction:>7.0f}%{ratio:>8}{lat:>7}"
-            f"{c.server_cores:>6.2f}{c.other_load_cores:>6.2f}"
+            f"{c.server_cores:>6.2f}{c.client_cores:>6.2f}{c.other_load_cores:>6.2f}"
         )
     print(
         "pairs/s: documents scored per second; % peak: model FLOP/s over the matmul peak of the server's own "
         "dtype;\nx base: pairs/s over the baseline's; p50 x: p50 latency over the baseline's; cores: CPU the "
-        "server used;\nother: CPU used meanwhile by processes outside the benchmark (other people's work), in cores."
+        "server used;\nload: CPU the load generator used (one thread: near 1.00 it limits the cell); other: CPU used "
+        "meanwhile by\nprocesses outside the benchmark (other people's work), in cores."
     )
 
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import httpx
 
-from bench.driver import drive
+from bench.driver import drive_raw
 from bench.flops import ModelShape, measure_matmul_peak
 from bench.model import ensure_model
 from bench.report import Cell, as_json, compare_scores, plot, print_cells, summarise
@@ -240,9 +240,11 @@ class Bench:
         before_metrics = scrape(server.base_url) if name == "service" else {}
         pids, server_pids = self.our_pids(), process_tree(server.process.pid)
         busy0, ours0, t0 = machine_busy_seconds(), cpu_seconds(pids), time.perf_counter()
-        server0 = cpu_seconds(server_pids)
+        server0, client0 = cpu_seconds(server_pids), cpu_seconds([os.getpid()])
+        # The raw client: httpx's own cost per request grows with the number of connections (1 ms at 4
+        # clients, 8 ms at 64 on one core, measured by bench/load_generator.py) and capped earlier cells.
         samples, wall = asyncio.run(
-            drive(
+            drive_raw(
                 url,
                 prepared.bodies,
                 clients=clients,
@@ -262,6 +264,7 @@ class Bench:
             peak=self.peaks[dtype],
             other_load_cores=other,
             server_cores=(cpu_seconds(server_pids) - server0) / elapsed,
+            client_cores=(cpu_seconds([os.getpid()]) - client0) / elapsed,
         )
         if name == "service":
             after = scrape(server.base_url)
@@ -276,7 +279,8 @@ class Bench:
             }
         self.samples[(prepared.workload.name, clients, name)] = samples
         logger.info(
-            "%s %s clients=%d: %.2f pairs/s, p50 %.0f ms, %d errors, server %.2f cores, other load %.2f",
+            "%s %s clients=%d: %.2f pairs/s, p50 %.0f ms, %d errors, server %.2f cores, load generator %.2f, "
+            "other load %.2f",
             prepared.workload.name,
             name,
             clients,
@@ -284,6 +288,7 @@ class Bench:
             cell.p50_ms,
             cell.errors,
             cell.server_cores,
+            cell.client_cores,
             other,
         )
         return cell
