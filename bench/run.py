@@ -269,13 +269,23 @@ class Bench:
         if name == "service":
             after = scrape(server.base_url)
             delta = {k: after.get(k, 0.0) - before_metrics.get(k, 0.0) for k in after}
-            batches = delta.get("reranker_batch_size_count", 0.0)
+            batches = max(delta.get("reranker_batch_size_count", 0.0), 1.0)
+            requests = max(delta.get("reranker_request_tokenization_seconds_count", 0.0), 1.0)
+            forward_s = delta.get("reranker_inference_duration_seconds_sum", 0.0)
             cell.server_extra = {
-                "model_busy_share": delta.get("reranker_inference_duration_seconds_sum", 0.0) / wall,
-                "mean_batch_pairs": delta.get("reranker_batch_size_sum", 0.0) / batches if batches else 0.0,
+                "model_busy_share": forward_s / wall,
+                "mean_batch_pairs": delta.get("reranker_batch_size_sum", 0.0) / batches,
+                # Padded tokens and milliseconds of the service's average forward pass: set beside the engine
+                # alone's ms per batch, they say whether the forward passes or the feeding fall short.
+                "mean_batch_tokens": delta.get("reranker_batch_tokens_sum", 0.0) / batches,
+                "mean_batch_ms": 1000 * forward_s / batches,
                 "batch_padding_share": 1
                 - delta.get("reranker_tokens_scored_total", 0.0)
                 / max(delta.get("reranker_batch_tokens_sum", 0.0), 1.0),
+                # Per request: tokenising in the HTTP worker, waiting for the first forward pass, then scoring.
+                "tokenize_ms": 1000 * delta.get("reranker_request_tokenization_seconds_sum", 0.0) / requests,
+                "queue_ms": 1000 * delta.get("reranker_request_queue_seconds_sum", 0.0) / requests,
+                "inference_ms": 1000 * delta.get("reranker_request_inference_seconds_sum", 0.0) / requests,
             }
         self.samples[(prepared.workload.name, clients, name)] = samples
         logger.info(
