@@ -90,8 +90,8 @@ class Settings(BaseSettings):
     cuda_graphs: bool = Field(
         True,
         description=(
-            "On CUDA, replay captured CUDA graphs for batches up to 8192 padded tokens (3-6x faster small batches; "
-            "captured during warm-up, a few seconds). false = every batch eagerly."
+            "On CUDA, replay captured CUDA graphs of every batch shape within the token budget (3-6x faster small "
+            "batches, full ones independent of CPU load; captured during warm-up). false = every batch eagerly."
         ),
     )
 

@@ -83,8 +83,6 @@ def test_cuda_health_check_and_describe(family_dirs: dict[str, Path]) -> None:
 
 def test_cuda_graphs_score_as_the_eager_model(family_dirs: dict[str, Path]) -> None:
     """Batches of every size, padded into captured shapes or too big for one, score as the eager model does."""
-    from app.engine.cuda_graphs import GRAPH_MAX_TOKENS
-
     settings = {"model_path": family_dirs["ms-marco-MiniLM-L-6-v2"], "device": "cuda", "dtype": "float32"}
     graphed = TorchBackend(Settings(**settings))  # type: ignore[arg-type]
     graphed.warm_up()
@@ -93,10 +91,23 @@ def test_cuda_graphs_score_as_the_eager_model(family_dirs: dict[str, Path]) -> N
     assert graphed.graphs is not None and len(graphed.graphs) > 50
     assert eager.graphs is None
     captured = len(graphed.graphs)
-    for count, words in ((1, 5), (5, 30), (13, 100), (50, 60), (64, 300)):
-        documents = [make_words(words + 7 * n, seed=count * 100 + n) for n in range(count)]
+
+    def spread(count: int, words: int, step: int) -> list[int]:
+        return [words + step * n for n in range(count)]
+
+    cases = (  # words per document, and whether the batch runs in a graph
+        (spread(1, 5, 7), True),
+        (spread(5, 30, 7), True),
+        (spread(13, 100, 7), True),
+        ([236 + n % 9 for n in range(61)], True),  # a full batch: 61 pairs of ~252-260 tokens, within 16384
+        (spread(50, 60, 7), False),  # 50 pairs of up to ~420 tokens: past the budget, eager
+        (spread(64, 300, 7), False),  # 64 x 512
+    )
+    for word_counts, graph in cases:
+        count = len(word_counts)
+        documents = [make_words(words, seed=count * 100 + n) for n, words in enumerate(word_counts)]
         pairs = sorted(graphed.encoder.encode(QUERY, documents).pairs, key=len)
         padded = count * max(len(pair) for pair in pairs)
-        assert (graphed.graphs.shape_for(count, len(pairs[-1])) is None) == (padded > GRAPH_MAX_TOKENS)
+        assert (graphed.graphs.shape_for(count, len(pairs[-1])) is not None) == graph, (count, padded)
         np.testing.assert_allclose(graphed.forward(pairs), eager.forward(pairs), atol=1e-4)
     assert len(graphed.graphs) == captured  # serving captures nothing new: warm-up covered every shape

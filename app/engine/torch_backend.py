@@ -180,6 +180,7 @@ class TorchBackend:
         self.graphs: CudaGraphs | None = None
         self._want_graphs = self.device.type == "cuda" and settings.cuda_graphs
         self._max_batch_pairs = settings.max_batch_pairs
+        self._max_batch_tokens = settings.max_batch_tokens
         # What runs a batch: the model itself, or its compiled graph (compiled lazily, by warm_up()).
         self._run: Callable[..., Any] = self.model
         if self.compiled:
@@ -353,6 +354,7 @@ class TorchBackend:
             self.device,
             max_length=self.encoder.max_length,
             max_batch_pairs=self._max_batch_pairs,
+            max_batch_tokens=self._max_batch_tokens,
             pad_id=self.pad_id,
             uses_type_ids=self.uses_type_ids,
         )
