@@ -32,8 +32,10 @@ from app.errors import NotReadyError, PayloadTooLargeError
 logger = logging.getLogger(__name__)
 
 HEALTH_CACHE_S = 2.0  # readiness probes within this window share one check (a tiny forward pass)
-# With engine processes, a request's documents are tokenised in parts of at least this many, in parallel.
-DOCUMENTS_PER_ENCODE_PART = 16
+# With engine processes, a request's documents are tokenised in parts of at least this many, in parallel, on
+# the encode threads that are free: an idle worker spreads one request over all of them (latency), a busy one
+# gives each request one (no extra hand-offs when every thread already has work).
+DOCUMENTS_PER_ENCODE_PART = 4
 
 
 def sigmoid(logit: float) -> float:
@@ -95,6 +97,7 @@ class RerankService:
         self.encoder: PairEncoder | None = None
         self.state = "starting"  # starting → ready → draining; "failed" if loading failed
         self._encode_threads = 2
+        self._encode_parts_running = 0  # parts handed to the encode threads and not yet done
         self._encode_pool = _encode_pool()
         self._health_checked_at = -math.inf
         self._health_error: str | None = None
@@ -261,16 +264,22 @@ class RerankService:
         if self.engines is None:
             encoded = await loop.run_in_executor(self._encode_pool, encoder.encode, query, documents, policy)
             return encoded, b""
-        parts = max(1, min(self._encode_threads, len(documents) // DOCUMENTS_PER_ENCODE_PART))
+        free_threads = self._encode_threads - self._encode_parts_running
+        parts = max(1, min(free_threads, len(documents) // DOCUMENTS_PER_ENCODE_PART))
         size = -(-len(documents) // parts)
-        results = await asyncio.gather(
-            *(
-                loop.run_in_executor(
-                    self._encode_pool, self._encode_and_pack, encoder, query, documents[start : start + size], policy
+        starts = range(0, len(documents), size)
+        self._encode_parts_running += len(starts)
+        try:
+            results = await asyncio.gather(
+                *(
+                    loop.run_in_executor(
+                        self._encode_pool, self._encode_and_pack, encoder, query, documents[start : start + size], policy
+                    )
+                    for start in starts
                 )
-                for start in range(0, len(documents), size)
             )
-        )
+        finally:
+            self._encode_parts_running -= len(starts)
         merged = EncodedRequest()
         for part, _ in results:
             merged.first_pair.extend(len(merged.pairs) + first for first in part.first_pair)

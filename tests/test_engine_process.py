@@ -7,19 +7,23 @@ import asyncio
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
 from app.config import Settings
-from app.engine.base import EncodedPair
+from app.engine.base import TRUNCATE, EncodedPair, PairEncoder, WindowPolicy
 from app.engine.client import EngineClient, EngineStartError
+from app.engine.model_dir import load_pair_encoder
 from app.engine.process import failure_marker
 from app.engine.simulated import SimulatedDevice
 from app.engine.supervisor import ENGINE_SOCKETS_ENV, EngineSpec, plan_engines, visible_gpus
 from app.engine.wire import decode_pairs, decode_scores, encode_pairs, encode_scores
 from app.errors import OverloadedError, PayloadTooLargeError
+from app.service import RerankService
 from tests.utils import REPO_ROOT
 
 
@@ -45,6 +49,58 @@ class TestWire:
     def test_scores_are_exact_float64(self) -> None:
         scores = [0.1, -3.25, 1e-7, 12345.678]
         assert decode_scores(encode_scores(scores), 4) == scores
+
+
+class TestEncodeParts:
+    """A worker tokenises a big request in parts on its free encode threads and sends one SCORE body."""
+
+    def service(self, model_dir: Path, threads: int) -> RerankService:
+        settings = Settings(model_path=model_dir)  # type: ignore[arg-type]
+        service = RerankService(settings, lambda: SimulatedDevice(settings), engine_sockets=[Path("unused.sock")])
+        service.encoder = load_pair_encoder(settings)
+        service.engines = cast(EngineClient, object())  # only "engine mode": nothing is sent here
+        service._encode_threads = threads
+        service._encode_pool = ThreadPoolExecutor(threads)
+        return service
+
+    def test_parts_merge_into_exactly_the_whole_request(self, tiny_model_dir: Path) -> None:
+        service = self.service(tiny_model_dir, threads=4)
+        assert service.encoder is not None
+        query = "which harbour was busy"
+        # Long documents windowed: parts must offset each document's first window by the windows before it.
+        documents = [" ".join(["harbour ship dawn"] * (3 + 40 * (n % 3))) for n in range(30)]
+        policy = WindowPolicy(max_windows=3, overlap=4)
+        whole = service.encoder.encode(query, documents, policy)
+        assert len(whole.pairs) > len(documents)  # some documents have several windows
+        merged, body = asyncio.run(service._encode(service.encoder, query, documents, policy))
+        assert merged == whole
+        assert body == encode_pairs(whole.pairs)
+
+    def test_an_idle_worker_spreads_a_request_and_a_busy_one_does_not(
+        self, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        service = self.service(tiny_model_dir, threads=4)
+        assert service.encoder is not None
+        sizes: list[int] = []
+        encode_and_pack = RerankService._encode_and_pack
+
+        def counted(encoder: PairEncoder, query: str, documents: Sequence[str], policy: WindowPolicy) -> Any:
+            sizes.append(len(documents))
+            return encode_and_pack(encoder, query, documents, policy)
+
+        monkeypatch.setattr(service, "_encode_and_pack", counted)
+        documents = [f"document number {n}" for n in range(64)]
+        asyncio.run(service._encode(service.encoder, "query", documents, TRUNCATE))
+        assert sizes == [16, 16, 16, 16]  # all four threads free
+        sizes.clear()
+        service._encode_parts_running = 3  # three parts of other requests are being tokenised
+        asyncio.run(service._encode(service.encoder, "query", documents, TRUNCATE))
+        assert sizes == [64]
+        assert service._encode_parts_running == 3  # its own parts counted out again
+        sizes.clear()
+        service._encode_parts_running = 0
+        asyncio.run(service._encode(service.encoder, "query", documents[:6], TRUNCATE))
+        assert sizes == [6]  # fewer than two parts' worth of documents: one part
 
 
 class TestPlan:
