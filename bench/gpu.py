@@ -11,7 +11,10 @@
 3. The service (``bench/run.py``: ``python -m app``, the engine-process design on a GPU) with 1 HTTP worker
    beside the seed baseline (``bench/baseline_server.py``), then with several workers; the ``target`` setting
    and ``gpu64`` (64 documents of ~256 tokens), at 1/4/16/64 clients.
-4. The GPU test tier, ``pytest -m gpu``.
+4. Variants (``--variant``): the service again with other settings on ``gpu64`` at 16 and 64 clients, beside
+   the main run's cells; by default ``RERANKER_CUDA_GRAPHS=false``, every batch launched eagerly, to measure
+   what capturing the full batches too (``app/engine/cuda_graphs.py``) buys under load.
+5. The GPU test tier, ``pytest -m gpu``.
 
 Writes ``gpu-bench.json`` (everything, including each step's full JSON and logs' tails) and ``gpu-bench.txt``
 (the figures against the goals) to ``--out``. Each step has a time budget; a step that would not fit is skipped
@@ -29,6 +32,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -91,13 +95,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="NAME=VALUE",
         help="extra environment for the service (repeatable)",
     )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=None,
+        metavar="LABEL:NAME=VALUE[,NAME=VALUE]",
+        help="after the main runs, the service again with these settings (first worker count, no baseline), on "
+        "--variant-workloads at --variant-clients, beside the main run's same cells (repeatable; default: "
+        "'eager:RERANKER_CUDA_GRAPHS=false', every batch launched eagerly, as full batches were before they were "
+        "captured too; 'none' for no variant)",
+    )
+    parser.add_argument("--variant-workloads", default="gpu64")
+    parser.add_argument("--variant-clients", default="16,64")
     parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/reranker-bench"))
     parser.add_argument(
         "--budget", type=float, default=450.0, help="seconds for everything; a step that would start past it is skipped"
     )
     parser.add_argument("--test-timeout", type=float, default=120.0, help="seconds for pytest -m gpu")
     parser.add_argument("--no-tests", action="store_true", help="skip pytest -m gpu")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.variant is None:
+        args.variant = ["eager:RERANKER_CUDA_GRAPHS=false"]
+    args.variants = {}
+    for text in args.variant:
+        if text == "none":
+            continue
+        label, _, settings = text.partition(":")
+        if not label or "=" not in settings:
+            parser.error(f"--variant {text!r}: want LABEL:NAME=VALUE[,NAME=VALUE]")
+        args.variants[label] = settings.split(",")
+    return args
 
 
 # --------------------------------------------------------------------------------------------- the wheels
@@ -314,6 +341,54 @@ def summarise(record: dict[str, Any]) -> list[str]:
     return lines
 
 
+def service_command(
+    args: argparse.Namespace,
+    name: str,
+    *,
+    workers: int,
+    baseline: bool,
+    workloads: str | None = None,
+    clients: str | None = None,
+    env: Sequence[str] = (),
+) -> list[str]:
+    """``bench.run`` for one service run, its figures to ``<out>/<name>.json``."""
+    command = [
+        sys.executable,
+        "-m",
+        "bench.run",
+        "--device",
+        args.device,
+        "--workloads",
+        workloads or args.workloads,
+        "--clients",
+        clients or args.clients,
+        "--duration",
+        str(args.duration),
+        "--max-requests",
+        str(args.max_requests),
+        "--workers",
+        str(workers),
+        "--no-memory",
+        "--cache-dir",
+        str(args.cache_dir),
+        "--json",
+        str(args.out / f"{name}.json"),
+        "--plot",
+        str(args.out / f"{name}.png"),
+    ]
+    if not baseline:
+        command.append("--no-baseline")
+    for item in [*args.service_env, *env]:
+        command += ["--service-env", item]
+    return command
+
+
+def record(steps: Steps, args: argparse.Namespace, name: str, key: str) -> None:
+    result = args.out / f"{name}.json"
+    if result.is_file():
+        steps.record["service"][key] = json.loads(result.read_text())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -362,39 +437,27 @@ def main(argv: list[str] | None = None) -> int:
         steps.record["engine_alone"] = json.loads(engine_json.read_text())
 
     steps.record["service"] = {}
-    for position, workers in enumerate(int(w) for w in args.workers.split(",")):
-        run_json = args.out / f"service-{workers}w.json"
-        command = [
-            python,
-            "-m",
-            "bench.run",
-            "--device",
-            args.device,
-            "--workloads",
-            args.workloads,
-            "--clients",
-            args.clients,
-            "--duration",
-            str(args.duration),
-            "--max-requests",
-            str(args.max_requests),
-            "--workers",
-            str(workers),
-            "--no-memory",
-            "--cache-dir",
-            str(args.cache_dir),
-            "--json",
-            str(run_json),
-            "--plot",
-            str(args.out / f"service-{workers}w.png"),
-        ]
-        if position:
-            command.append("--no-baseline")  # the baseline does not depend on our worker count
-        for item in args.service_env:
-            command += ["--service-env", item]
-        steps.run(f"service-{workers}w", command, needs_s=90, timeout_s=330)
-        if run_json.is_file():
-            steps.record["service"][f"service, {workers} HTTP worker(s)"] = json.loads(run_json.read_text())
+    worker_counts = [int(w) for w in args.workers.split(",")]
+    for position, workers in enumerate(worker_counts):
+        name = f"service-{workers}w"
+        # The baseline does not depend on our worker count: it runs beside the first only.
+        command = service_command(args, name, workers=workers, baseline=not position)
+        steps.run(name, command, needs_s=90, timeout_s=330)
+        record(steps, args, name, f"service, {workers} HTTP worker(s)")
+
+    for label, settings in args.variants.items():
+        name = f"variant-{label}"
+        command = service_command(
+            args,
+            name,
+            workers=worker_counts[0],
+            baseline=False,
+            workloads=args.variant_workloads,
+            clients=args.variant_clients,
+            env=settings,
+        )
+        steps.run(name, command, needs_s=75, timeout_s=240)
+        record(steps, args, name, f"variant {label} ({', '.join(settings)}), {worker_counts[0]} HTTP worker(s)")
 
     if not args.no_tests:
         # tests/test_gpu.py only: other modules need what a GPU host lacks (schemathesis) and run in CI anyway.
