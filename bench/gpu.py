@@ -7,14 +7,14 @@
    ignored by git), with ``pip install --no-index --no-deps --target``; then runs itself again with them on
    ``PYTHONPATH``, so every server it starts sees them too. Nothing is fetched.
 2. The engine alone, in-process (``bench/engine_alone.py``): ``TorchBackend.forward`` on 64 and 256 pairs of
-   256 tokens, and the matmul peak.
+   256 tokens, unpadded and padded (lengths 248-264), and the matmul peak.
 3. The service (``bench/run.py``: ``python -m app``, the engine-process design on a GPU) with 1 HTTP worker
    beside the seed baseline (``bench/baseline_server.py``), then with several workers; the ``target`` setting
    and ``gpu64`` (64 documents of ~256 tokens), at 1/4/16/64 clients.
-4. Variants (``--variant``): the service again with other settings on ``gpu64`` at 16 and 64 clients, beside
+4. The GPU test tier, ``pytest -m gpu``.
+5. Variants (``--variant``): the service again with other settings on ``gpu64`` at 16 and 64 clients, beside
    the main run's cells; by default ``RERANKER_CUDA_GRAPHS=false``, every batch launched eagerly, to measure
    what capturing the full batches too (``app/engine/cuda_graphs.py``) buys under load.
-5. The GPU test tier, ``pytest -m gpu``.
 
 Writes ``gpu-bench.json`` (everything, including each step's full JSON and logs' tails) and ``gpu-bench.txt``
 (the figures against the goals) to ``--out``. Each step has a time budget; a step that would not fit is skipped
@@ -445,6 +445,15 @@ def main(argv: list[str] | None = None) -> int:
         steps.run(name, command, needs_s=90, timeout_s=330)
         record(steps, args, name, f"service, {workers} HTTP worker(s)")
 
+    if not args.no_tests:
+        # tests/test_gpu.py only: other modules need what a GPU host lacks (schemathesis) and run in CI anyway.
+        steps.run(
+            "gpu-tests",
+            [python, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider", "tests/test_gpu.py"],
+            needs_s=30,
+            timeout_s=args.test_timeout,
+        )
+
     for label, settings in args.variants.items():
         name = f"variant-{label}"
         command = service_command(
@@ -458,15 +467,6 @@ def main(argv: list[str] | None = None) -> int:
         )
         steps.run(name, command, needs_s=75, timeout_s=240)
         record(steps, args, name, f"variant {label} ({', '.join(settings)}), {worker_counts[0]} HTTP worker(s)")
-
-    if not args.no_tests:
-        # tests/test_gpu.py only: other modules need what a GPU host lacks (schemathesis) and run in CI anyway.
-        steps.run(
-            "gpu-tests",
-            [python, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider", "tests/test_gpu.py"],
-            needs_s=30,
-            timeout_s=args.test_timeout,
-        )
 
     steps.record["total_seconds"] = round(time.monotonic() - steps.started, 1)
     summary = summarise(steps.record)
