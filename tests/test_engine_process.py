@@ -109,8 +109,16 @@ class TestPlan:
 
         return Settings(model_path=fake_model_dir(tmp_path / "model"), engine_socket_dir=tmp_path / "s", **overrides)  # type: ignore[arg-type]
 
-    def test_cpu_defaults_to_inline_and_process_can_be_forced(self, tmp_path: Path) -> None:
-        assert visible_gpus() == []  # this machine: no NVIDIA devices, and torch is never started to ask
+    def test_visible_gpus_are_the_ones_torch_counts(self) -> None:
+        import torch
+
+        # Here (no NVIDIA devices) without starting torch to ask; on a GPU host, one id per device it may use.
+        assert len(visible_gpus()) == torch.cuda.device_count()
+
+    def test_cpu_defaults_to_inline_and_process_can_be_forced(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr("app.engine.supervisor.visible_gpus", lambda: [])  # a host without GPUs
         assert plan_engines(self.settings(tmp_path)) == []
         assert plan_engines(self.settings(tmp_path, device="cpu")) == []
         assert plan_engines(self.settings(tmp_path, engine="process", device="cpu")) == [

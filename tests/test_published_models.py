@@ -31,7 +31,7 @@ from app.engine.model_dir import ModelLoadError, inspect_model_dir, load_tokeniz
 from app.engine.torch_backend import TorchBackend
 from app.service import RerankService
 from tests.model_factory import FAMILIES, build_cross_encoder, make_words
-from tests.utils import REPO_ROOT, start_server
+from tests.utils import REPO_ROOT, auto_device, start_server
 
 PUBLISHED = [name for name in FAMILIES if name != "generic"]
 # What each family's directory must give (published facts, not what the loader happens to do).
@@ -176,7 +176,7 @@ def test_family_over_http_from_python_m_app(family: str, family_dirs: dict[str, 
     np.testing.assert_allclose([scores[i] for i in range(len(DOCUMENTS))], reference, atol=2e-5)
     architecture, _, _ = EXPECTED[family]
     assert models["architecture"] == architecture
-    assert (models["num_labels"], models["dtype"], models["device"]) == (1, "float32", "cpu")
+    assert (models["num_labels"], models["dtype"], models["device"]) == (1, "float32", auto_device())
     assert models["max_model_len"] == 512
     # the start-up log says what was loaded
     assert architecture in server.log() and "max length 512" in server.log()
@@ -307,4 +307,4 @@ def test_load_log_names_what_was_loaded(family_dirs: dict[str, Path], caplog: py
         TorchBackend(float32_settings(family_dirs["ms-marco-electra-base"]))
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("loaded "))
     assert "ElectraForSequenceClassification" in line and "labels 1" in line and "max length 512" in line
-    assert "on cpu" in line and "float32" in line
+    assert f"on {auto_device()}" in line and "float32" in line
