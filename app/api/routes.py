@@ -245,6 +245,6 @@ async def ready(service: ServiceDep) -> Health:
 async def prometheus_metrics(request: Request, settings: SettingsDep) -> Response:
     """Prometheus exposition text, merged over every gunicorn worker."""
     if settings.metrics_need_key:
-        require_api_key(request, settings)
+        await require_api_key(request, settings)
     payload, content_type = render_metrics()
     return Response(payload, media_type=content_type)
