@@ -273,7 +273,12 @@ class RerankService:
             results = await asyncio.gather(
                 *(
                     loop.run_in_executor(
-                        self._encode_pool, self._encode_and_pack, encoder, query, documents[start : start + size], policy
+                        self._encode_pool,
+                        self._encode_and_pack,
+                        encoder,
+                        query,
+                        documents[start : start + size],
+                        policy,
                     )
                     for start in starts
                 )
