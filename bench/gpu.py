@@ -55,6 +55,10 @@ NEEDED = {
     "opentelemetry": "opentelemetry-api",
     "pytest_asyncio": "pytest-asyncio",
     "prometheus_client": "prometheus-client",
+    "click": "click",  # uvicorn's
+    "h11": "h11",  # uvicorn's
+    "sentencepiece": "sentencepiece",  # tests/model_factory.py builds the XLM-R and DeBERTa tokenizers with it
+    "google.protobuf": "protobuf",  # ... and writes their SentencePiece models with it
 }
 INSTALLED_MARK = "RERANKER_BENCH_GPU_INSTALLED"
 
@@ -161,7 +165,13 @@ def prepare_wheels(args: argparse.Namespace) -> int:
 
 
 def missing_modules() -> list[str]:
-    return [name for name in NEEDED if importlib.util.find_spec(name) is None]
+    def absent(name: str) -> bool:
+        try:
+            return importlib.util.find_spec(name) is None
+        except ModuleNotFoundError:  # a dotted name whose parent is missing
+            return True
+
+    return [name for name in NEEDED if absent(name)]
 
 
 def install_and_rerun(args: argparse.Namespace, argv: list[str]) -> None:
