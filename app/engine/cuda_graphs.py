@@ -7,11 +7,12 @@ shape, README "Benchmark"): 1 pair × 128 tokens took 4.95 ms eagerly and 0.78 m
 
 Full batches are captured too, not only the small ones where launches dominate. On that H200 the service's
 eager batches of ~60 pairs × 266 tokens took 11 ms at 4 clients and 16 ms at 16 (the forward thread's own
-timings, from /metrics), against 8.4 ms for the engine alone: the GPU work is the same, so the launching thread
-ran slower with the HTTP workers busy beside it, and past the GPU's time per batch launches no longer hide
-behind it. A replay does not depend on that thread. So every shape that a batch within the token budget
-(``max_batch_tokens``) can need is captured, up to ``GRAPH_MAX_TOKENS`` padded tokens; only bigger batches, and
-pairs longer than ``MAX_GRAPH_LENGTH``, run eagerly (padded to their own longest pair).
+timings, from /metrics), against 8.4 ms for the engine alone. The GPU work is the same, which points at the
+launching thread (an inference, to be measured: ``bench/gpu.py`` runs an eager variant beside): slowed by the
+HTTP workers busy beside it, its launches no longer hide behind the GPU's time. A replay does not depend on it.
+So every shape that a batch within the token budget (``max_batch_tokens``) can need is captured, up to
+``GRAPH_MAX_TOKENS`` padded tokens; only bigger batches, and pairs longer than ``MAX_GRAPH_LENGTH``, run eagerly
+(padded to their own longest pair).
 
 A batch runs in the smallest captured shape that holds it: its rows padded with one-token rows, its columns with
 masked padding (at most ``LENGTH_STEP - 1`` tokens a row). Padding is masked, so every pair's logit is the one it
@@ -33,8 +34,8 @@ from app.engine.base import EncodedPair, write_padded
 
 logger = logging.getLogger(__name__)
 
-# Batches of more padded tokens than this run eagerly: the graphs share one memory pool sized by the largest, and
-# at 256 × 256 (65k tokens) a replay saved 4 % on the H200.
+# Graphs cover batches within min(max_batch_tokens, this) padded tokens; bigger ones run eagerly. The graphs share
+# one memory pool sized by the largest, and at 256 × 256 (65k tokens) a replay saved only 4 % on the H200.
 GRAPH_MAX_TOKENS = 32768
 LENGTH_STEP = 32
 MAX_GRAPH_LENGTH = 1024  # longer pairs are few and compute-bound: eager
