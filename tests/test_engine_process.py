@@ -210,3 +210,28 @@ async def test_an_engine_that_cannot_load_says_why_to_the_waiting_worker(tmp_pat
     client = EngineClient([socket_path], encoder=None, max_queue_pairs=10)  # type: ignore[arg-type]
     with pytest.raises(EngineStartError, match="the model engine failed to start: "):
         await client.start(timeout_s=5)
+
+
+async def test_a_cpu_engine_uses_every_core_whatever_the_worker_count(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The engine is the one model process: its torch threads are not divided by WEB_CONCURRENCY, as inline
+    workers' are (with two workers the engine ran on half the cores: 8 instead of 15 pairs/s, measured)."""
+    socket_path = tmp_path / "engine.sock"
+    process = start_engine(
+        tiny_model_dir,
+        socket_path,
+        RERANKER_BACKEND="torch",
+        RERANKER_DEVICE="cpu",
+        RERANKER_TORCH_COMPILE="off",
+        RERANKER_TORCH_THREADS="0",
+        WEB_CONCURRENCY="2",
+    )
+    client = EngineClient(
+        [socket_path], encoder=load_pair_encoder(Settings(model_path=tiny_model_dir)), max_queue_pairs=10
+    )  # type: ignore[arg-type]
+    try:
+        await client.start(timeout_s=120)
+        assert client.connections[0].facts["describe"]["threads"] == str(len(os.sched_getaffinity(0)))
+    finally:
+        await client.stop()
+        process.terminate()
+        assert process.wait(30) == 0
