@@ -116,7 +116,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--budget", type=float, default=450.0, help="seconds for everything; a step that would start past it is skipped"
     )
-    parser.add_argument("--test-timeout", type=float, default=120.0, help="seconds for pytest -m gpu")
+    parser.add_argument("--test-timeout", type=float, default=180.0, help="seconds for pytest -m gpu")
     parser.add_argument("--no-tests", action="store_true", help="skip pytest -m gpu")
     args = parser.parse_args(argv)
     if args.variant is None:
