@@ -99,6 +99,16 @@ _XLMR_TOKENS = {
     },
 }
 _XLMR_TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+# config.json fields every XLM-RoBERTa sequence classifier here shares (the published rerankers and "generic").
+_XLMR_CONFIG: dict[str, Any] = dict(
+    architectures=["XLMRobertaForSequenceClassification"],
+    type_vocab_size=1,
+    pad_token_id=1,
+    bos_token_id=0,
+    eos_token_id=2,
+    layer_norm_eps=1e-5,
+    num_labels=1,
+)
 _BERT_TOKENS = {
     "cls_token": "[CLS]",
     "sep_token": "[SEP]",
@@ -121,14 +131,8 @@ def _xlmr(positions: int, max_length: int, full: dict[str, int]) -> Family:
             "tokenizer_class": "XLMRobertaTokenizer",
         },
         config=dict(
-            architectures=["XLMRobertaForSequenceClassification"],
+            _XLMR_CONFIG,
             max_position_embeddings=positions,
-            type_vocab_size=1,
-            pad_token_id=1,
-            bos_token_id=0,
-            eos_token_id=2,
-            layer_norm_eps=1e-5,
-            num_labels=1,
             id2label={0: "LABEL_0"},
             label2id={"LABEL_0": 0},
             position_embedding_type="absolute",
@@ -269,16 +273,7 @@ FAMILIES: dict[str, Family] = {
         model_type="xlm-roberta",
         tokenizer="generic",
         tokenizer_config={},
-        config=dict(
-            architectures=["XLMRobertaForSequenceClassification"],
-            max_position_embeddings=514,
-            type_vocab_size=1,
-            pad_token_id=1,
-            bos_token_id=0,
-            eos_token_id=2,
-            layer_norm_eps=1e-5,
-            num_labels=1,
-        ),
+        config=dict(_XLMR_CONFIG, max_position_embeddings=514),
         tiny=_XLMR_TINY,
         full=dict(
             vocab_size=250002, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072
