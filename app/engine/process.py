@@ -147,9 +147,8 @@ async def serve(socket_path: Path) -> int:
         stale.unlink(missing_ok=True)
     started = time.perf_counter()
     try:
-        # This device's only model process: on a CPU its torch threads are every core, not one worker's share
-        # (the default divides the cores by WEB_CONCURRENCY, for inline workers that each hold a model).
-        backend = await asyncio.to_thread(load_backend, settings.model_copy(update={"workers": 1}))
+        # This device's only model copy: on a CPU its torch threads are every core, not one worker's share.
+        backend = await asyncio.to_thread(partial(load_backend, settings, model_copies=1))
         await asyncio.to_thread(backend.warm_up)
     except Exception as error:
         message = str(error) or type(error).__name__

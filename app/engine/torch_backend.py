@@ -148,7 +148,9 @@ def slices(lengths: Sequence[int], budget: int | None) -> Iterator[tuple[int, in
 class TorchBackend:
     """A sequence-classification cross-encoder on one device. Thread-safe for concurrent ``forward`` calls."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, model_copies: int | None = None) -> None:
+        """``model_copies``: how many copies of the model share this machine's cores (default: one per worker,
+        as inline workers each hold one; an engine process is the only one)."""
         self.model_path = settings.model_path
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.dtype, self.device)  # the dtype of the matrix products
@@ -162,7 +164,8 @@ class TorchBackend:
         # the scaling, mask and softmax, and the products go to oneDNN (7 % faster on 126-token pairs).
         self.attention = "eager" if self.compiled and self.device.type == "cpu" else "sdpa"
         if self.device.type == "cpu":
-            threads = settings.torch_threads or max(1, len(os.sched_getaffinity(0)) // settings.workers)
+            copies = model_copies or settings.workers
+            threads = settings.torch_threads or max(1, len(os.sched_getaffinity(0)) // copies)
             torch.set_num_threads(threads)
         # The tokenizer side first: it refuses a directory the service cannot serve before any weight is read.
         self.encoder, self.info, hf_tokenizer = open_model_dir(
