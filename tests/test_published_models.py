@@ -25,15 +25,17 @@ from typing import Any
 import numpy as np
 import pytest
 
-from app.config import Settings
+from app.config import Device, Settings
 from app.engine.base import PairTemplate
 from app.engine.model_dir import ModelLoadError, inspect_model_dir, load_tokenizer, open_model_dir, verify_pairs
-from app.engine.torch_backend import TorchBackend
+from app.engine.torch_backend import TorchBackend, resolve_device
 from app.service import RerankService
 from tests.model_factory import FAMILIES, build_cross_encoder, make_words
-from tests.utils import REPO_ROOT, auto_device, start_server
+from tests.utils import REPO_ROOT, start_server
 
 PUBLISHED = [name for name in FAMILIES if name != "generic"]
+# Where RERANKER_DEVICE=auto puts the model on this host (the service's own rule): the suite runs on GPU hosts too.
+AUTO_DEVICE = str(resolve_device(Device.auto))
 # What each family's directory must give (published facts, not what the loader happens to do).
 EXPECTED = {
     "bge-reranker-base": ("XLMRobertaForSequenceClassification", 512, False),
@@ -176,7 +178,7 @@ def test_family_over_http_from_python_m_app(family: str, family_dirs: dict[str, 
     np.testing.assert_allclose([scores[i] for i in range(len(DOCUMENTS))], reference, atol=2e-5)
     architecture, _, _ = EXPECTED[family]
     assert models["architecture"] == architecture
-    assert (models["num_labels"], models["dtype"], models["device"]) == (1, "float32", auto_device())
+    assert (models["num_labels"], models["dtype"], models["device"]) == (1, "float32", AUTO_DEVICE)
     assert models["max_model_len"] == 512
     # the start-up log says what was loaded
     assert architecture in server.log() and "max length 512" in server.log()
@@ -307,4 +309,4 @@ def test_load_log_names_what_was_loaded(family_dirs: dict[str, Path], caplog: py
         TorchBackend(float32_settings(family_dirs["ms-marco-electra-base"]))
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("loaded "))
     assert "ElectraForSequenceClassification" in line and "labels 1" in line and "max length 512" in line
-    assert f"on {auto_device()}" in line and "float32" in line
+    assert f"on {AUTO_DEVICE}" in line and "float32" in line

@@ -22,14 +22,6 @@ import httpx
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def auto_device() -> str:
-    """The device ``RERANKER_DEVICE=auto`` resolves to on this host: tests assert it, not "cpu", so the suite
-    passes on a GPU host too."""
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
