@@ -47,16 +47,31 @@ class _Waiting:
     deferred: bool = False  # held back once to fill a later batch; never again
 
 
-def plan_batches(lengths: Sequence[int], *, max_batch_tokens: int, max_batch_pairs: int) -> list[list[int]]:
-    """Group positions into batches, shortest pairs first, each within the padded-token and pair budgets."""
+def plan_batches(
+    lengths: Sequence[int],
+    *,
+    max_batch_tokens: int,
+    max_batch_pairs: int,
+    batch_shape: Callable[[int, int], tuple[int, int]] | None = None,
+) -> list[list[int]]:
+    """Group positions into batches, shortest pairs first, each within the padded-token and pair budgets.
+
+    ``batch_shape(pairs, longest)`` is the (rows, columns) the backend really runs such a batch in (a CUDA
+    graph's bucket); a batch is as large as that shape allows. Without it, the batch's own pairs × longest."""
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     batches: list[list[int]] = []
     current: list[int] = []
     for position in order:
         # Sorted ascending, so this pair is the longest of the batch: it sets the padded width.
-        if current and (len(current) >= max_batch_pairs or (len(current) + 1) * lengths[position] > max_batch_tokens):
-            batches.append(current)
-            current = []
+        if current:
+            if batch_shape is None:
+                padded = (len(current) + 1) * lengths[position]
+            else:
+                rows, columns = batch_shape(len(current) + 1, lengths[position])
+                padded = rows * columns
+            if len(current) >= max_batch_pairs or padded > max_batch_tokens:
+                batches.append(current)
+                current = []
         current.append(position)
     if current:
         batches.append(current)
@@ -84,8 +99,10 @@ class DynamicBatcher:
         max_batch_tokens: int,
         max_batch_pairs: int,
         max_queue_pairs: int,
+        batch_shape: Callable[[int, int], tuple[int, int]] | None = None,
     ) -> None:
         self._forward = forward
+        self._batch_shape = batch_shape  # the backend's: see plan_batches
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_pairs = max_batch_pairs
         self.max_queue_pairs = max_queue_pairs
@@ -168,7 +185,10 @@ class DynamicBatcher:
                 round_items, self._waiting = self._waiting, []
                 lengths = [len(item.pair) for item in round_items]
                 batches = plan_batches(
-                    lengths, max_batch_tokens=self.max_batch_tokens, max_batch_pairs=self.max_batch_pairs
+                    lengths,
+                    max_batch_tokens=self.max_batch_tokens,
+                    max_batch_pairs=self.max_batch_pairs,
+                    batch_shape=self._batch_shape,
                 )
                 for number, positions in enumerate(batches):
                     if number:

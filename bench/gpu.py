@@ -11,10 +11,13 @@
 3. The service (``bench/run.py``: ``python -m app``, the engine-process design on a GPU) with 1 HTTP worker
    beside the seed baseline (``bench/baseline_server.py``); the ``target`` setting and ``gpu64`` (64 documents
    of ~256 tokens), at 1/4/16/64 clients.
-4. The GPU test tier, ``pytest -m gpu``.
-5. Variants (``--variant``): the service again with other settings on ``gpu64`` at 16 and 64 clients, beside
-   the main run's cells; by default ``RERANKER_CUDA_GRAPHS=false``, every batch launched eagerly, to measure
-   what capturing the full batches too (``app/engine/cuda_graphs.py``) buys under load.
+4. The GPU test tier, ``pytest -m gpu``; then how fast one ``gpu64`` request is tokenised with 1-16 threads
+   (``bench/tokenize_threads.py``).
+5. Variants (``--variant``): the service again with other settings on ``gpu64`` at 1, 16 and 64 clients,
+   beside the main run's cells; by default ``RERANKER_MAX_BATCH_TOKENS=32768``: whether batches twice the default
+   token budget (a 64-document request in one batch, 112-pair batches under load) are worth making the GPU's
+   default. ``eager:RERANKER_CUDA_GRAPHS=false`` measures what the CUDA graphs buy (on an H100: 215 pairs/s at 16
+   clients without them, 5,494 with).
 6. The service with the other worker counts (``--workers``, default 4), without the baseline.
 
 Writes ``gpu-bench.json`` (everything, including each step's full JSON and logs' tails) and ``gpu-bench.txt``
@@ -107,11 +110,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="LABEL:NAME=VALUE[,NAME=VALUE]",
         help="after the main runs, the service again with these settings (first worker count, no baseline), on "
         "--variant-workloads at --variant-clients, beside the main run's same cells (repeatable; default: "
-        "'eager:RERANKER_CUDA_GRAPHS=false', every batch launched eagerly, as full batches were before they were "
-        "captured too; 'none' for no variant)",
+        "'budget32k:RERANKER_MAX_BATCH_TOKENS=32768', batches of twice the default token budget; "
+        "'eager:RERANKER_CUDA_GRAPHS=false' runs every batch eagerly; 'none' for no variant)",
     )
     parser.add_argument("--variant-workloads", default="gpu64")
-    parser.add_argument("--variant-clients", default="16,64")
+    parser.add_argument("--variant-clients", default="1,16,64")
     parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/reranker-bench"))
     parser.add_argument(
         "--budget", type=float, default=450.0, help="seconds for everything; a step that would start past it is skipped"
@@ -120,7 +123,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-tests", action="store_true", help="skip pytest -m gpu")
     args = parser.parse_args(argv)
     if args.variant is None:
-        args.variant = ["eager:RERANKER_CUDA_GRAPHS=false"]
+        args.variant = ["budget32k:RERANKER_MAX_BATCH_TOKENS=32768"]
     args.variants = {}
     for text in args.variant:
         if text == "none":
@@ -342,6 +345,9 @@ def summarise(record: dict[str, Any]) -> list[str]:
         tail = tests.get("log_tail", "").strip().splitlines()
         outcome = tests.get("skipped") or f"exit {tests.get('exit')}"
         lines.append(f"\npytest -m gpu: {outcome}" + (f"; {tail[-1]}" if tail else ""))
+    if tokenize := record.get("tokenize"):
+        figures = ", ".join(f"{label} {ms:.1f} ms" for label, ms in tokenize["ms"].items())
+        lines.append(f"\ntokenising one gpu64 request ({tokenize['cores']} cores): {figures}")
     lines.append(
         "\nsteps: "
         + ", ".join(
@@ -467,6 +473,15 @@ def main(argv: list[str] | None = None) -> int:
             needs_s=30,
             timeout_s=args.test_timeout,
         )
+
+    tokenize_json = args.out / "tokenize.json"
+    if steps.run(
+        "tokenize",
+        [python, "-m", "bench.tokenize_threads", "--model-dir", str(model_dir), "--json", str(tokenize_json)],
+        needs_s=30,
+        timeout_s=120,
+    ):
+        steps.record["tokenize"] = json.loads(tokenize_json.read_text())
 
     for label, settings in args.variants.items():
         name = f"variant-{label}"

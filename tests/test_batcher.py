@@ -38,6 +38,23 @@ class TestPlanBatches:
     def test_a_pair_longer_than_the_budget_still_runs_alone(self) -> None:
         assert plan_batches([500, 5], max_batch_tokens=100, max_batch_pairs=8) == [[1], [0]]
 
+    def test_batches_are_sized_by_the_shape_the_backend_runs_them_in(self) -> None:
+        """With fixed shapes (CUDA graphs' buckets: here rows to a multiple of 8, columns of 16), a batch costs
+        its bucket: 9 pairs of 100 tokens are 16 x 112 padded tokens, past a budget of 1000; 8 are 896."""
+
+        def bucket(pairs: int, longest: int) -> tuple[int, int]:
+            return -(-pairs // 8) * 8, -(-longest // 16) * 16
+
+        lengths = [100] * 20
+        assert [len(b) for b in plan_batches(lengths, max_batch_tokens=1000, max_batch_pairs=64)] == [10, 10]
+        planned = plan_batches(lengths, max_batch_tokens=1000, max_batch_pairs=64, batch_shape=bucket)
+        assert [len(b) for b in planned] == [8, 8, 4]
+        for batch in planned:
+            rows, columns = bucket(len(batch), max(lengths[p] for p in batch))
+            assert rows * columns <= 1000
+        # A pair whose bucket alone is past the budget still runs, alone.
+        assert plan_batches([990, 5], max_batch_tokens=1000, max_batch_pairs=8, batch_shape=bucket) == [[1], [0]]
+
 
 class TestDynamicBatcher:
     async def test_pools_pairs_from_concurrent_requests_into_one_forward(self) -> None:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from app.batcher import plan_batches
 from app.config import Settings
 from app.engine.torch_backend import TorchBackend
 from tests.model_factory import FAMILIES, build_cross_encoder, make_words
@@ -99,7 +100,6 @@ def test_cuda_graphs_score_as_the_eager_model(family_dirs: dict[str, Path]) -> N
         (spread(1, 5, 7), True),
         (spread(5, 30, 7), True),
         (spread(13, 100, 7), True),
-        ([236 + n % 9 for n in range(61)], True),  # a full batch: 61 pairs of ~252-260 tokens, within 16384
         (spread(50, 60, 7), False),  # 50 pairs of up to ~420 tokens: past the budget, eager
         (spread(64, 300, 7), False),  # 64 x 512
     )
@@ -110,4 +110,15 @@ def test_cuda_graphs_score_as_the_eager_model(family_dirs: dict[str, Path]) -> N
         padded = count * max(len(pair) for pair in pairs)
         assert (graphed.graphs.shape_for(count, len(pairs[-1])) is not None) == graph, (count, padded)
         np.testing.assert_allclose(graphed.forward(pairs), eager.forward(pairs), atol=1e-4)
+    # Full batches, as the batcher cuts 64 documents of ~256 tokens by their buckets: graphs, the eager scores.
+    documents = [make_words(236 + n % 9, seed=n) for n in range(64)]
+    pairs = sorted(graphed.encoder.encode(QUERY, documents).pairs, key=len)
+    batches = plan_batches(
+        [len(pair) for pair in pairs], max_batch_tokens=16384, max_batch_pairs=256, batch_shape=graphed.batch_shape
+    )
+    assert len(batches[0]) >= 48, [len(batch) for batch in batches]
+    for batch in batches:
+        chosen = [pairs[position] for position in batch]
+        assert graphed.graphs.shape_for(len(chosen), max(len(pair) for pair in chosen)) is not None
+        np.testing.assert_allclose(graphed.forward(chosen), eager.forward(chosen), atol=1e-4)
     assert len(graphed.graphs) == captured  # serving captures nothing new: warm-up covered every shape

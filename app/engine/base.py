@@ -176,6 +176,11 @@ class Backend(Protocol):
         """Logits (float32, one per pair) for pairs of any lengths; padding is the backend's business."""
         ...
 
+    def batch_shape(self, pairs: int, longest: int) -> tuple[int, int]:
+        """The (rows, columns) a batch of ``pairs`` pairs, the longest ``longest`` tokens, runs in: its own size,
+        or the larger fixed shape it is padded to (a CUDA graph's). The batcher sizes batches by it."""
+        ...
+
     def warm_up(self) -> None:
         """Run representative shapes once so the first real request is not slow."""
         ...

@@ -36,6 +36,9 @@ class FakeBackend:
         self.fail_next_forward = False
         self._lock = threading.Lock()
 
+    def batch_shape(self, pairs: int, longest: int) -> tuple[int, int]:
+        return pairs, longest  # no fixed shapes: a batch runs at its own size
+
     def forward(self, pairs: Sequence[EncodedPair]) -> list[float]:
         if self.fail_next_forward:
             self.fail_next_forward = False

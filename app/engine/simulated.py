@@ -53,6 +53,9 @@ class SimulatedDevice:
     def device_seconds(self, pairs: int, longest: int) -> float:
         return self.token_s * pairs * longest
 
+    def batch_shape(self, pairs: int, longest: int) -> tuple[int, int]:
+        return pairs, longest  # no fixed shapes: a batch runs at its own size
+
     def forward(self, pairs: Sequence[EncodedPair]) -> list[float]:
         started = time.perf_counter()
         device_done = started + self.device_seconds(len(pairs), max(len(pair) for pair in pairs))
