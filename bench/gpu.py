@@ -20,6 +20,10 @@
    clients without them, 5,494 with).
 6. The service with the other worker counts (``--workers``, default 4), without the baseline.
 
+``python -m bench.gpu --suite`` instead runs the test suite there, bar the Docker tier (``--suite MARKS`` for a
+part of it, e.g. ``'unit or integration'``), with the model where ``RERANKER_DEVICE=auto`` puts it: the GPU. It
+needs more wheels (schemathesis and what it pulls in), which ``--prepare-wheels`` fetches too.
+
 Writes ``gpu-bench.json`` (everything, including each step's full JSON and logs' tails) and ``gpu-bench.txt``
 (the figures against the goals) to ``--out``. Each step has a time budget; a step that would not fit is skipped
 and says so. Works on a CPU too (``--device cpu`` with small settings), which is how it is tested.
@@ -32,6 +36,7 @@ import glob
 import importlib.util
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -63,6 +68,27 @@ NEEDED = {
     "h11": "h11",  # uvicorn's
     "sentencepiece": "sentencepiece",  # tests/model_factory.py builds the XLM-R and DeBERTa tokenizers with it
     "google.protobuf": "protobuf",  # ... and writes their SentencePiece models with it
+}
+# What the rest of the test suite needs besides (``--suite``): schemathesis and what it pulls in.
+SUITE_NEEDED = {
+    "schemathesis": "schemathesis",
+    "hypothesis": "hypothesis",
+    "hypothesis_graphql": "hypothesis-graphql",
+    "graphql": "graphql-core",
+    "jsonschema_rs": "jsonschema-rs",
+    "pyrate_limiter": "pyrate-limiter",
+    "harfile": "harfile",
+    "werkzeug": "werkzeug",
+    "markupsafe": "MarkupSafe",
+    "requests": "requests",
+    "urllib3": "urllib3",
+    "charset_normalizer": "charset-normalizer",
+    "rich": "rich",
+    "markdown_it": "markdown-it-py",
+    "mdurl": "mdurl",
+    "pygments": "Pygments",
+    "sortedcontainers": "sortedcontainers",
+    "yaml": "PyYAML",
 }
 INSTALLED_MARK = "RERANKER_BENCH_GPU_INSTALLED"
 
@@ -121,6 +147,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--test-timeout", type=float, default=180.0, help="seconds for pytest -m gpu")
     parser.add_argument("--no-tests", action="store_true", help="skip pytest -m gpu")
+    parser.add_argument(
+        "--suite",
+        metavar="MARKS",
+        nargs="?",
+        const="not docker",
+        help="instead of the benchmark, run the test suite on this host (RERANKER_DEVICE=auto: the GPU) for these "
+        "pytest marks (default 'not docker': no Docker there), within --budget; writes suite.txt",
+    )
     args = parser.parse_args(argv)
     if args.variant is None:
         args.variant = ["budget32k:RERANKER_MAX_BATCH_TOKENS=32768"]
@@ -142,7 +176,7 @@ def prepare_wheels(args: argparse.Namespace) -> int:
     from importlib.metadata import version
 
     args.wheels.mkdir(parents=True, exist_ok=True)
-    for distribution in NEEDED.values():
+    for distribution in {**NEEDED, **SUITE_NEEDED}.values():
         pinned = f"{distribution}=={version(distribution)}"
         command = [
             sys.executable,
@@ -168,24 +202,33 @@ def prepare_wheels(args: argparse.Namespace) -> int:
     return 0
 
 
-def missing_modules() -> list[str]:
+def missing_modules(needed: dict[str, str]) -> list[str]:
     def absent(name: str) -> bool:
         try:
             return importlib.util.find_spec(name) is None
         except ModuleNotFoundError:  # a dotted name whose parent is missing
             return True
 
-    return [name for name in NEEDED if absent(name)]
+    return [name for name in needed if absent(name)]
+
+
+def wheel_distribution(path: str) -> str:
+    """``PyYAML-6.0.3-cp312-....whl`` -> ``pyyaml``: a wheel's distribution, normalised as its file name has it."""
+    return Path(path).name.split("-")[0].lower()
 
 
 def install_and_rerun(args: argparse.Namespace, argv: list[str]) -> None:
-    """Install the prepared wheels where modules are missing, then run this command again with them visible."""
-    missing = missing_modules()
+    """Install the prepared wheels of the missing modules, then run this command again with them visible.
+
+    Only those: a wheel of a package the host has would shadow the host's own version."""
+    needed = {**NEEDED, **SUITE_NEEDED} if args.suite else NEEDED
+    missing = missing_modules(needed)
     if not missing:
         return
     if os.environ.get(INSTALLED_MARK):
         sys.exit(f"still missing after installing the wheels: {missing}; prepare them with --prepare-wheels")
-    wheels = sorted(glob.glob(str(args.wheels / "*.whl")))
+    wanted = {re.sub(r"[-_.]+", "_", needed[name]).lower() for name in missing}
+    wheels = sorted(path for path in glob.glob(str(args.wheels / "*.whl")) if wheel_distribution(path) in wanted)
     if not wheels:
         sys.exit(
             f"missing {missing} and no wheels in {args.wheels}: run 'python -m bench.gpu --prepare-wheels' on "
@@ -406,6 +449,25 @@ def record(steps: Steps, args: argparse.Namespace, name: str, key: str) -> None:
         steps.record["service"][key] = json.loads(result.read_text())
 
 
+def run_suite(args: argparse.Namespace) -> int:
+    """The test suite on this host, as CI runs it bar Docker: does everything pass with the model on the GPU?"""
+    steps = Steps(args)
+    command = [sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", "-m", args.suite]
+    steps.run("suite", command, needs_s=30, timeout_s=args.budget)
+    step = steps.record["steps"]["suite"]
+    tail = step.get("log_tail", "").strip().splitlines()
+    log = (args.out / "suite.log").read_text(errors="replace").splitlines()
+    failures = [line for line in log if line.startswith(("FAILED", "ERROR"))]
+    summary = [
+        f"pytest -m {args.suite!r} on this host: exit {step.get('exit')} in {step.get('seconds')}s",
+        *(tail[-2:] if tail else []),
+        *failures,
+    ]
+    (args.out / "suite.txt").write_text("\n".join(summary) + "\n")
+    print("\n".join(summary))
+    return 0 if step.get("exit") == 0 else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -413,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
         return prepare_wheels(args)
     install_and_rerun(args, argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.suite:
+        return run_suite(args)
     steps = Steps(args)
     python = sys.executable
 
