@@ -91,7 +91,8 @@ class Settings(BaseSettings):
         True,
         description=(
             "On CUDA, replay captured CUDA graphs of every batch shape within the token budget (3-6x faster small "
-            "batches, full ones independent of CPU load; captured during warm-up). false = every batch eagerly."
+            "batches, full ones independent of CPU load; captured during warm-up, ~0.1 s a shape, 328 shapes for "
+            "a 512-token model at the default budget). false = every batch eagerly."
         ),
     )
 
