@@ -212,22 +212,30 @@ def missing_modules(needed: dict[str, str]) -> list[str]:
     return [name for name in needed if absent(name)]
 
 
+def normalised(distribution: str) -> str:
+    """A distribution's name as wheel file names spell it: ``markdown-it-py`` -> ``markdown_it_py``."""
+    return re.sub(r"[-_.]+", "_", distribution).lower()
+
+
 def wheel_distribution(path: str) -> str:
-    """``PyYAML-6.0.3-cp312-....whl`` -> ``pyyaml``: a wheel's distribution, normalised as its file name has it."""
+    """``PyYAML-6.0.3-cp312-....whl`` -> ``pyyaml``: a wheel's distribution, as its file name has it."""
     return Path(path).name.split("-")[0].lower()
 
 
 def install_and_rerun(args: argparse.Namespace, argv: list[str]) -> None:
-    """Install the prepared wheels of the missing modules, then run this command again with them visible.
+    """Install the prepared wheels, then run this command again with them visible.
 
-    Only those: a wheel of a package the host has would shadow the host's own version."""
+    All of the web stack's (what the benchmark runs were measured with), but of the suite's extra ones only
+    those the host lacks: they include packages such as requests and PyYAML that the host's own libraries use,
+    and a wheel of a package the host has would shadow the host's version."""
     needed = {**NEEDED, **SUITE_NEEDED} if args.suite else NEEDED
     missing = missing_modules(needed)
     if not missing:
         return
     if os.environ.get(INSTALLED_MARK):
         sys.exit(f"still missing after installing the wheels: {missing}; prepare them with --prepare-wheels")
-    wanted = {re.sub(r"[-_.]+", "_", needed[name]).lower() for name in missing}
+    wanted = {normalised(distribution) for distribution in NEEDED.values()}
+    wanted |= {normalised(SUITE_NEEDED[name]) for name in missing if name in SUITE_NEEDED}
     wheels = sorted(path for path in glob.glob(str(args.wheels / "*.whl")) if wheel_distribution(path) in wanted)
     if not wheels:
         sys.exit(
