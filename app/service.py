@@ -38,6 +38,14 @@ HEALTH_CACHE_S = 2.0  # readiness probes within this window share one check (a t
 DOCUMENTS_PER_ENCODE_PART = 4
 
 
+def encode_parts(documents: int, free_threads: int) -> list[slice]:
+    """How a request of ``documents`` documents is cut for ``free_threads`` encode threads: parts of at least
+    ``DOCUMENTS_PER_ENCODE_PART`` documents, at most one per free thread, in order."""
+    parts = max(1, min(free_threads, documents // DOCUMENTS_PER_ENCODE_PART))
+    size = -(-documents // parts)
+    return [slice(start, start + size) for start in range(0, documents, size)]
+
+
 def sigmoid(logit: float) -> float:
     # Computed from the float32 logit in double precision: bf16/fp16 models never collapse to ties here.
     if logit >= 0:
@@ -265,27 +273,19 @@ class RerankService:
         if self.engines is None:
             encoded = await loop.run_in_executor(self._encode_pool, encoder.encode, query, documents, policy)
             return encoded, b""
-        free_threads = self._encode_threads - self._encode_parts_running
-        parts = max(1, min(free_threads, len(documents) // DOCUMENTS_PER_ENCODE_PART))
-        size = -(-len(documents) // parts)
-        starts = range(0, len(documents), size)
-        self._encode_parts_running += len(starts)
+        parts = encode_parts(len(documents), self._encode_threads - self._encode_parts_running)
+        self._encode_parts_running += len(parts)
         try:
             results = await asyncio.gather(
                 *(
                     loop.run_in_executor(
-                        self._encode_pool,
-                        self._encode_and_pack,
-                        encoder,
-                        query,
-                        documents[start : start + size],
-                        policy,
+                        self._encode_pool, self._encode_and_pack, encoder, query, documents[part], policy
                     )
-                    for start in starts
+                    for part in parts
                 )
             )
         finally:
-            self._encode_parts_running -= len(starts)
+            self._encode_parts_running -= len(parts)
         merged = EncodedRequest()
         for part, _ in results:
             merged.first_pair.extend(len(merged.pairs) + first for first in part.first_pair)

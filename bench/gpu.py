@@ -451,7 +451,8 @@ def service_command(
     return command
 
 
-def record(steps: Steps, args: argparse.Namespace, name: str, key: str) -> None:
+def keep_service_figures(steps: Steps, args: argparse.Namespace, name: str, key: str) -> None:
+    """A service run's figures (``<out>/<name>.json``, if it wrote them) into the record, under ``key``."""
     result = args.out / f"{name}.json"
     if result.is_file():
         steps.record["service"][key] = json.loads(result.read_text())
@@ -533,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
     def service_run(workers: int, *, baseline: bool) -> None:
         name = f"service-{workers}w"
         steps.run(name, service_command(args, name, workers=workers, baseline=baseline), needs_s=90, timeout_s=330)
-        record(steps, args, name, f"service, {workers} HTTP worker(s)")
+        keep_service_figures(steps, args, name, f"service, {workers} HTTP worker(s)")
 
     service_run(worker_counts[0], baseline=True)  # the baseline does not depend on our worker count
 
@@ -567,7 +568,9 @@ def main(argv: list[str] | None = None) -> int:
             env=settings,
         )
         steps.run(name, command, needs_s=75, timeout_s=240)
-        record(steps, args, name, f"variant {label} ({', '.join(settings)}), {worker_counts[0]} HTTP worker(s)")
+        keep_service_figures(
+            steps, args, name, f"variant {label} ({', '.join(settings)}), {worker_counts[0]} HTTP worker(s)"
+        )
 
     for workers in worker_counts[1:]:
         service_run(workers, baseline=False)

@@ -25,7 +25,7 @@ THREADS = (1, 2, 4, 8, 16)
 
 
 async def median_ms(model_dir: Path, threads: int, repeats: int) -> float:
-    from app.service import DOCUMENTS_PER_ENCODE_PART, RerankService
+    from app.service import RerankService, encode_parts
     from bench.workloads import WORKLOADS, load_encoder
 
     encoder = load_encoder(model_dir)
@@ -34,18 +34,15 @@ async def median_ms(model_dir: Path, threads: int, repeats: int) -> float:
     query, documents = str(body["query"]), list(body["documents"])  # type: ignore[call-overload]
     policy = workload.policy()
     loop = asyncio.get_running_loop()
-    parts = max(1, min(threads, len(documents) // DOCUMENTS_PER_ENCODE_PART))
-    size = -(-len(documents) // parts)
+    parts = encode_parts(len(documents), threads)  # as an idle worker with ``threads`` encode threads cuts it
     seconds = []
     with ThreadPoolExecutor(threads) as pool:
         for _ in range(repeats + 5):  # the first few start the threads
             started = time.perf_counter()
             await asyncio.gather(
                 *(
-                    loop.run_in_executor(
-                        pool, RerankService._encode_and_pack, encoder, query, documents[start : start + size], policy
-                    )
-                    for start in range(0, len(documents), size)
+                    loop.run_in_executor(pool, RerankService._encode_and_pack, encoder, query, documents[part], policy)
+                    for part in parts
                 )
             )
             seconds.append(time.perf_counter() - started)

@@ -127,6 +127,12 @@ class CudaGraphs:
         columns = self._column_bucket[bucket_rows]
         return (bucket_rows, columns[longest]) if longest < len(columns) else None
 
+    def batch_shape(self, rows: int, longest: int) -> tuple[int, int]:
+        """What the batcher counts a batch as: its bucket, captured or not (so it never forms a batch whose bucket
+        is past the budget, which would run eagerly, where a smaller one has a graph); past the buckets, its own
+        size (it runs eagerly at that size)."""
+        return self.bucket(rows, longest) or (rows, longest)
+
     def shape_for(self, rows: int, longest: int) -> tuple[int, int] | None:
         """The captured shape a batch runs in: its bucket, or None (eager) when that was not captured."""
         shape = self.bucket(rows, longest)

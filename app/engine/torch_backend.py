@@ -295,10 +295,7 @@ class TorchBackend:
         return model
 
     def batch_shape(self, pairs: int, longest: int) -> tuple[int, int]:
-        # Within the graphs' buckets a batch costs its bucket, captured or not: the batcher then never forms a
-        # batch whose bucket is past the budget (it would run eagerly) when a smaller one has a graph.
-        bucket = self.graphs.bucket(pairs, longest) if self.graphs is not None else None
-        return bucket if bucket is not None else (pairs, longest)
+        return self.graphs.batch_shape(pairs, longest) if self.graphs is not None else (pairs, longest)
 
     def forward(self, pairs: Sequence[EncodedPair]) -> list[float]:
         # The batcher hands pairs sorted by length, so each slice pads only to its own longest pair.
