@@ -1,12 +1,13 @@
 """The dynamic batcher: one per model (per worker inline, per engine process otherwise), in front of it.
 
 Pairs from concurrent requests wait in one queue. A single consumer task takes everything waiting, sorts it by
-length (so a batch pads little) and cuts it into batches of at most ``max_batch_tokens`` padded tokens. Batches
-go to one forward thread that runs them back to back: the next batch is planned and handed over while the
-current one runs, so the model never waits for the event loop between batches (on a GPU that gap is idle
-device time). While a batch runs, new requests queue up and join the next round. A pair whose request was
-cancelled (its client left) is dropped just before its batch runs, so it costs no forward pass. Each pair's
-score depends only on the pair: padding is masked, so batching never changes an answer.
+length (so a batch pads little) and cuts it into batches of at most ``max_batch_tokens`` tokens, counted as the
+backend runs them (padded, or packed). Batches go to one forward thread that runs them back to back: the next
+batch is planned and handed over while the current one runs, so the model never waits for the event loop
+between batches (on a GPU that gap is idle device time). While a batch runs, new requests queue up and join the
+next round. A pair whose request was cancelled (its client left) is dropped just before its batch runs, so it
+costs no forward pass. Each pair's score depends only on the pair: padding is masked, and packed pairs attend
+only within themselves, so batching never changes an answer.
 """
 
 from __future__ import annotations
@@ -52,27 +53,27 @@ def plan_batches(
     *,
     max_batch_tokens: int,
     max_batch_pairs: int,
-    batch_shape: Callable[[int, int], tuple[int, int]] | None = None,
+    batch_tokens: Callable[[int, int, int], int] | None = None,
 ) -> list[list[int]]:
-    """Group positions into batches, shortest pairs first, each within the padded-token and pair budgets.
+    """Group positions into batches, shortest pairs first, each within the token and pair budgets.
 
-    ``batch_shape(pairs, longest)`` is the (rows, columns) the backend really runs such a batch in (a CUDA
-    graph's bucket); a batch is as large as that shape allows. Without it, the batch's own pairs × longest."""
+    ``batch_tokens(pairs, longest, total)`` is what the backend really runs such a batch as, in tokens: a padded
+    CUDA graph's bucket (rows x columns), or a packed batch's token bucket (``total``, the pairs' own tokens,
+    rounded up); a batch is as large as that allows. Without it, the batch padded to its longest pair."""
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     batches: list[list[int]] = []
     current: list[int] = []
+    total = 0
     for position in order:
         # Sorted ascending, so this pair is the longest of the batch: it sets the padded width.
         if current:
-            if batch_shape is None:
-                padded = (len(current) + 1) * lengths[position]
-            else:
-                rows, columns = batch_shape(len(current) + 1, lengths[position])
-                padded = rows * columns
-            if len(current) >= max_batch_pairs or padded > max_batch_tokens:
+            pairs, longest = len(current) + 1, lengths[position]
+            cost = pairs * longest if batch_tokens is None else batch_tokens(pairs, longest, total + longest)
+            if len(current) >= max_batch_pairs or cost > max_batch_tokens:
                 batches.append(current)
-                current = []
+                current, total = [], 0
         current.append(position)
+        total += lengths[position]
     if current:
         batches.append(current)
     return batches
@@ -99,10 +100,10 @@ class DynamicBatcher:
         max_batch_tokens: int,
         max_batch_pairs: int,
         max_queue_pairs: int,
-        batch_shape: Callable[[int, int], tuple[int, int]] | None = None,
+        batch_tokens: Callable[[int, int, int], int] | None = None,
     ) -> None:
         self._forward = forward
-        self._batch_shape = batch_shape  # the backend's: see plan_batches
+        self._batch_tokens = batch_tokens  # the backend's: see plan_batches
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_pairs = max_batch_pairs
         self.max_queue_pairs = max_queue_pairs
@@ -188,7 +189,7 @@ class DynamicBatcher:
                     lengths,
                     max_batch_tokens=self.max_batch_tokens,
                     max_batch_pairs=self.max_batch_pairs,
-                    batch_shape=self._batch_shape,
+                    batch_tokens=self._batch_tokens,
                 )
                 for number, positions in enumerate(batches):
                     if number:

@@ -95,6 +95,14 @@ class Settings(BaseSettings):
             "a 512-token model at the default budget). false = every batch eagerly."
         ),
     )
+    packed_batches: bool = Field(
+        True,
+        description=(
+            "On CUDA (compute capability 8.0+, float16/bfloat16), run BERT, RoBERTa and XLM-RoBERTa models on packed "
+            "batches: no padding, attention per pair (FlashAttention varlen), graphs over (pairs, tokens) buckets; "
+            "checked against the padded model at start. false = padded batches."
+        ),
+    )
 
     # Where the model runs
     engine: EngineMode = Field(

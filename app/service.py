@@ -140,7 +140,7 @@ class RerankService:
             max_batch_tokens=self.settings.max_batch_tokens,
             max_batch_pairs=self.settings.max_batch_pairs,
             max_queue_pairs=self.settings.max_queue_pairs,
-            batch_shape=backend.batch_shape,
+            batch_tokens=backend.batch_tokens,
         )
         self.batcher.start()
         self.state = "ready"

@@ -45,15 +45,37 @@ class TestPlanBatches:
         def bucket(pairs: int, longest: int) -> tuple[int, int]:
             return -(-pairs // 8) * 8, -(-longest // 16) * 16
 
+        def bucket_tokens(pairs: int, longest: int, total: int) -> int:
+            rows, columns = bucket(pairs, longest)
+            return rows * columns
+
         lengths = [100] * 20
         assert [len(b) for b in plan_batches(lengths, max_batch_tokens=1000, max_batch_pairs=64)] == [10, 10]
-        planned = plan_batches(lengths, max_batch_tokens=1000, max_batch_pairs=64, batch_shape=bucket)
+        planned = plan_batches(lengths, max_batch_tokens=1000, max_batch_pairs=64, batch_tokens=bucket_tokens)
         assert [len(b) for b in planned] == [8, 8, 4]
         for batch in planned:
             rows, columns = bucket(len(batch), max(lengths[p] for p in batch))
             assert rows * columns <= 1000
         # A pair whose bucket alone is past the budget still runs, alone.
-        assert plan_batches([990, 5], max_batch_tokens=1000, max_batch_pairs=8, batch_shape=bucket) == [[1], [0]]
+        assert plan_batches([990, 5], max_batch_tokens=1000, max_batch_pairs=8, batch_tokens=bucket_tokens) == [
+            [1],
+            [0],
+        ]
+
+    def test_packed_batches_cost_their_tokens_not_their_padding(self) -> None:
+        """A packed backend counts a batch as its pairs' own tokens (``total``): short pairs beside a long one
+        cost only themselves, so many more share a batch than padded to the longest."""
+        lengths = [10] * 90 + [500]
+        calls: list[tuple[int, int, int]] = []
+
+        def packed(pairs: int, longest: int, total: int) -> int:
+            calls.append((pairs, longest, total))
+            return total
+
+        planned = plan_batches(lengths, max_batch_tokens=1400, max_batch_pairs=256, batch_tokens=packed)
+        assert [len(b) for b in planned] == [91]  # 900 + 500 tokens; padded, 91 x 500 would be 32 batches
+        assert calls[-1] == (91, 500, 1400)  # the batch so far, this pair included
+        assert len(plan_batches(lengths, max_batch_tokens=1400, max_batch_pairs=256)) == 2
 
 
 class TestDynamicBatcher:

@@ -114,7 +114,7 @@ def test_cuda_graphs_score_as_the_eager_model(family_dirs: dict[str, Path]) -> N
     documents = [make_words(236 + n % 9, seed=n) for n in range(64)]
     pairs = sorted(graphed.encoder.encode(QUERY, documents).pairs, key=len)
     batches = plan_batches(
-        [len(pair) for pair in pairs], max_batch_tokens=16384, max_batch_pairs=256, batch_shape=graphed.batch_shape
+        [len(pair) for pair in pairs], max_batch_tokens=16384, max_batch_pairs=256, batch_tokens=graphed.batch_tokens
     )
     assert len(batches[0]) >= 48, [len(batch) for batch in batches]
     for batch in batches:
@@ -122,3 +122,38 @@ def test_cuda_graphs_score_as_the_eager_model(family_dirs: dict[str, Path]) -> N
         assert graphed.graphs.shape_for(len(chosen), max(len(pair) for pair in chosen)) is not None
         np.testing.assert_allclose(graphed.forward(chosen), eager.forward(chosen), atol=1e-4)
     assert len(graphed.graphs) == captured  # serving captures nothing new: warm-up covered every shape
+
+
+@pytest.mark.parametrize("family", ["bge-reranker-base", "ms-marco-MiniLM-L-6-v2"])
+def test_packed_batches_score_as_the_padded_model(family: str, family_dirs: dict[str, Path]) -> None:
+    """float16 on CUDA runs packed (FlashAttention varlen, graphs over (pairs, tokens) buckets): every batch the
+    batcher plans, from one short pair to 64 documents of ~256 tokens and pairs of the full length, scores as the
+    padded eager model does, to float16's rounding."""
+    settings = {"model_path": family_dirs[family], "device": "cuda"}
+    packed = TorchBackend(Settings(**settings))  # type: ignore[arg-type]
+    packed.warm_up()
+    padded = TorchBackend(Settings(**settings, cuda_graphs=False))  # type: ignore[arg-type]
+    padded.warm_up()
+    assert packed.describe()["packed_batches"] == "true", packed.describe()
+    assert packed.packed_graphs is not None and packed.graphs is None
+    assert padded.describe()["packed_batches"] == "false"
+    captured = len(packed.packed_graphs)
+    rounds = [
+        [5],
+        [3, 40, 9, 120],
+        [236 + n % 9 for n in range(64)],
+        [60 + 7 * n for n in range(50)],  # up to ~400 words: truncated to the model's 512 tokens
+        [700] * 40,
+    ]
+    for number, words in enumerate(rounds):
+        documents = [make_words(count, seed=1000 * number + n) for n, count in enumerate(words)]
+        pairs = packed.encoder.encode(QUERY, documents).pairs
+        lengths = [len(pair) for pair in pairs]
+        for batch in plan_batches(
+            lengths, max_batch_tokens=16384, max_batch_pairs=256, batch_tokens=packed.batch_tokens
+        ):
+            chosen = [pairs[position] for position in sorted(batch)]
+            assert packed.packed_graphs.bucket(len(chosen), sum(len(p) for p in chosen)) is not None
+            scores, reference = np.array(packed.forward(chosen)), np.array(padded.forward(chosen))
+            assert float(np.abs(scores - reference).max()) <= 0.02 * max(1.0, float(np.abs(reference).max()))
+    assert len(packed.packed_graphs) == captured

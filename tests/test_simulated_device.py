@@ -58,7 +58,7 @@ def device_capacity(model_dir: Path, bodies: list[bytes]) -> float:
         [len(pair) for pair in pairs],
         max_batch_tokens=settings.max_batch_tokens,
         max_batch_pairs=settings.max_batch_pairs,
-        batch_shape=device.batch_shape,
+        batch_tokens=device.batch_tokens,
     )
     device.forward(pairs[:4])
     started = time.perf_counter()

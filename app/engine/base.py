@@ -176,9 +176,10 @@ class Backend(Protocol):
         """Logits (float32, one per pair) for pairs of any lengths; padding is the backend's business."""
         ...
 
-    def batch_shape(self, pairs: int, longest: int) -> tuple[int, int]:
-        """The (rows, columns) a batch of ``pairs`` pairs, the longest ``longest`` tokens, runs in: its own size,
-        or the larger fixed shape it is padded to (a CUDA graph's). The batcher sizes batches by it."""
+    def batch_tokens(self, pairs: int, longest: int, total: int) -> int:
+        """The tokens a batch of ``pairs`` pairs (the longest ``longest`` tokens, ``total`` in all) costs as it
+        runs: padded (pairs x longest, or the larger CUDA graph shape it is padded to) or packed (its tokens,
+        rounded up to a graph's bucket). The batcher sizes batches by it."""
         ...
 
     def warm_up(self) -> None:

@@ -36,8 +36,8 @@ class FakeBackend:
         self.fail_next_forward = False
         self._lock = threading.Lock()
 
-    def batch_shape(self, pairs: int, longest: int) -> tuple[int, int]:
-        return pairs, longest  # no fixed shapes: a batch runs at its own size
+    def batch_tokens(self, pairs: int, longest: int, total: int) -> int:
+        return pairs * longest  # padded, at its own size
 
     def forward(self, pairs: Sequence[EncodedPair]) -> list[float]:
         if self.fail_next_forward:

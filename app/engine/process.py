@@ -161,7 +161,7 @@ async def serve(socket_path: Path) -> int:
         max_batch_tokens=settings.max_batch_tokens,
         max_batch_pairs=settings.max_batch_pairs,
         max_queue_pairs=settings.max_queue_pairs * settings.workers,
-        batch_shape=backend.batch_shape,
+        batch_tokens=backend.batch_tokens,
     )
     batcher.start()
     engine = Engine(backend, batcher)

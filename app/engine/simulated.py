@@ -53,8 +53,8 @@ class SimulatedDevice:
     def device_seconds(self, pairs: int, longest: int) -> float:
         return self.token_s * pairs * longest
 
-    def batch_shape(self, pairs: int, longest: int) -> tuple[int, int]:
-        return pairs, longest  # no fixed shapes: a batch runs at its own size
+    def batch_tokens(self, pairs: int, longest: int, total: int) -> int:
+        return pairs * longest  # padded, at its own size
 
     def forward(self, pairs: Sequence[EncodedPair]) -> list[float]:
         started = time.perf_counter()

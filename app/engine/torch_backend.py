@@ -46,6 +46,7 @@ from app.engine.base import EncodedPair, write_padded
 from app.engine.cuda_graphs import CudaGraphs
 from app.engine.first_token import prune_last_layer, restore_last_layer
 from app.engine.model_dir import ModelLoadError, open_model_dir
+from app.engine.packed import PackedGraphs, PackedModel, packable
 
 __all__ = ["ModelLoadError", "TorchBackend"]
 
@@ -179,9 +180,12 @@ class TorchBackend:
             self.model.classifier = Float32Head(self.model.classifier, self.device.type)
         # Before compiling: the compiled graph is of the pruned model.
         self.first_token_last_layer = self._prune_last_layer()
-        # CUDA graphs of small batches, captured by warm_up() (cuda_graphs.py).
+        # CUDA graphs, captured by warm_up(): of packed batches (packed.py) where the model allows, else of
+        # padded ones (cuda_graphs.py).
         self.graphs: CudaGraphs | None = None
+        self.packed_graphs: PackedGraphs | None = None
         self._want_graphs = self.device.type == "cuda" and settings.cuda_graphs
+        self._want_packed = settings.packed_batches
         self._max_batch_pairs = settings.max_batch_pairs
         self._max_batch_tokens = settings.max_batch_tokens
         # What runs a batch: the model itself, or its compiled graph (compiled lazily, by warm_up()).
@@ -294,8 +298,11 @@ class TorchBackend:
         self.attention = str(model.config._attn_implementation)
         return model
 
-    def batch_shape(self, pairs: int, longest: int) -> tuple[int, int]:
-        return self.graphs.batch_shape(pairs, longest) if self.graphs is not None else (pairs, longest)
+    def batch_tokens(self, pairs: int, longest: int, total: int) -> int:
+        if self.packed_graphs is not None:
+            return self.packed_graphs.batch_tokens(pairs, longest, total)
+        rows, columns = self.graphs.batch_shape(pairs, longest) if self.graphs is not None else (pairs, longest)
+        return rows * columns
 
     def forward(self, pairs: Sequence[EncodedPair]) -> list[float]:
         # The batcher hands pairs sorted by length, so each slice pads only to its own longest pair.
@@ -309,6 +316,10 @@ class TorchBackend:
     ) -> list[float]:
         # Graphs only from forward(): their static buffers belong to the one forward thread, and readiness
         # probes (check()) run beside it.
+        if graphs and self.packed_graphs is not None:
+            replayed = self.packed_graphs.run(pairs)
+            if replayed is not None:
+                return self._scores(replayed)
         if graphs and self.graphs is not None:
             replayed = self.graphs.run(pairs)
             if replayed is not None:
@@ -343,7 +354,8 @@ class TorchBackend:
         started = time.perf_counter()
         if self.compiled:
             self._compile_now()
-        if self._want_graphs and self.graphs is None:
+        wants_graphs = self._want_graphs and self.graphs is None and self.packed_graphs is None
+        if wants_graphs and not (self._want_packed and self._capture_packed_graphs()):
             self._capture_graphs()
         encoder = self.encoder
         for words, batch in ((8, 1), (60, 8), (encoder.max_length, 2)):
@@ -351,6 +363,50 @@ class TorchBackend:
             request = encoder.encode("warm up", [text] * batch)
             self.forward(request.pairs)
         logger.info("warmed up in %.2fs", time.perf_counter() - started)
+
+    def _capture_packed_graphs(self) -> bool:
+        """Capture the packed graphs and check them on padded probe batches against the padded eager model;
+        False (and a warning where the model could have run packed) to serve padded batches instead."""
+        reason = packable(self.model, self.device, self.dtype, self.weights_dtype)
+        if reason is not None:
+            logger.info("padded batches: %s", reason)
+            return False
+        graphs = PackedGraphs(
+            PackedModel(self.model, pad_id=self.pad_id, uses_type_ids=self.uses_type_ids),
+            self.device,
+            max_length=self.encoder.max_length,
+            max_batch_pairs=self._max_batch_pairs,
+            max_batch_tokens=self._max_batch_tokens,
+        )
+        try:
+            graphs.capture()
+            probes = [self._padded_probe(), self._long_probe(graphs)]
+            for probe in probes:
+                eager = np.array(self._forward(probe, self.model))
+                replayed = graphs.run(probe)
+                if replayed is None:
+                    raise RuntimeError(f"no captured shape holds a probe batch of {len(probe)} pairs")
+                difference = float(np.abs(np.array(self._scores(replayed)) - eager).max())
+                # The same arithmetic on the same tokens, bar the padding and the kernels: rounding apart.
+                if not difference <= 3e-2 * max(1.0, float(np.abs(eager).max())):
+                    logger.warning("packed batches moved a probe logit by %.3g; batches run padded", difference)
+                    return False
+        except Exception as error:
+            logger.warning(
+                "packed batches could not be captured, batches run padded: %s: %s", type(error).__name__, error
+            )
+            return False
+        self.packed_graphs = graphs
+        return True
+
+    def _long_probe(self, graphs: PackedGraphs) -> list[EncodedPair]:
+        """Up to 40 pairs of spread lengths up to the longest, as many as the largest bucket holds: a full-size
+        packed batch for the load-time check."""
+        documents = [" ".join(["harbour"] * ((self.encoder.max_length * n) // 40)) for n in range(1, 41)]
+        pairs = self.encoder.encode("which passage mentions the harbour", documents).pairs
+        while len(pairs) > 1 and graphs.bucket(len(pairs), sum(len(pair) for pair in pairs)) is None:
+            pairs = pairs[:-1]
+        return pairs
 
     def _capture_graphs(self) -> None:
         """Capture the CUDA graphs and check them on a padded probe batch against the eager model; on any
@@ -419,6 +475,7 @@ class TorchBackend:
             raise RuntimeError("the model returned a non-finite score")
 
     def describe(self) -> dict[str, str]:
+        graphs = self.packed_graphs if self.packed_graphs is not None else self.graphs
         return {
             **self.info.describe(),
             "device": str(self.device),
@@ -427,6 +484,7 @@ class TorchBackend:
             "compiled": str(self.compiled).lower(),
             "attention": self.attention,
             "first_token_last_layer": str(self.first_token_last_layer).lower(),
-            "cuda_graphs": str(len(self.graphs) if self.graphs is not None else 0),
+            "packed_batches": str(self.packed_graphs is not None).lower(),
+            "cuda_graphs": str(len(graphs) if graphs is not None else 0),
             "threads": str(torch.get_num_threads()),
         }
