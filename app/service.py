@@ -16,10 +16,11 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from app import metrics
 from app.batcher import DynamicBatcher
@@ -30,6 +31,7 @@ from app.engine.wire import PackedPairs, join_packed, pack_pairs
 from app.errors import NotReadyError, PayloadTooLargeError
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 HEALTH_CACHE_S = 2.0  # readiness probes within this window share one check (a tiny forward pass)
 # With engine processes, a request's documents are tokenised in parts of at least this many, in parallel, on
@@ -44,6 +46,30 @@ def encode_parts(documents: int, free_threads: int) -> list[slice]:
     parts = max(1, min(free_threads, documents // DOCUMENTS_PER_ENCODE_PART))
     size = -(-documents // parts)
     return [slice(start, start + size) for start in range(0, documents, size)]
+
+
+async def gather_or_cancel(awaitables: Sequence[Awaitable[T]]) -> list[T]:
+    """Results in order; on the first failure the others are cancelled (a part's engine request too) and the
+    failure raised as itself, for the HTTP layer to map."""
+    tasks = [asyncio.ensure_future(awaitable) for awaitable in awaitables]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+def merge_encoded(parts: Sequence[EncodedRequest]) -> EncodedRequest:
+    """One request's pairs from its parts, in order."""
+    merged = EncodedRequest()
+    for part in parts:
+        merged.first_pair.extend(len(merged.pairs) + first for first in part.first_pair)
+        merged.pairs.extend(part.pairs)
+        merged.window_count.extend(part.window_count)
+        merged.truncated.extend(part.truncated)
+    return merged
 
 
 def sigmoid(logit: float) -> float:
@@ -233,23 +259,17 @@ class RerankService:
         if not documents:
             return RerankOutcome([], 0)
         started = time.perf_counter()
-        encoded, payload = await self._encode(self.encoder, query, documents, policy)
-        tokenized = time.perf_counter()
-        metrics.TOKENIZATION_SECONDS.observe(tokenized - started)
-        limit = self.settings.max_windows_per_request
-        if len(encoded.pairs) > limit:
-            metrics.REJECTED.labels("too_many_windows").inc()
-            raise PayloadTooLargeError(
-                f"this request needs {len(encoded.pairs)} scored windows; the limit is {limit} "
-                "(RERANKER_MAX_WINDOWS_PER_REQUEST): send fewer documents or lower max_chunks_per_doc",
-                param="documents",
-            )
         if self.engines is not None:
-            logits = await self.engines.score(payload, len(encoded.pairs))
+            encoded, logits, tokenized = await self._encode_and_score(self.engines, query, documents, policy)
         elif self.batcher is not None:
+            loop = asyncio.get_running_loop()
+            encoded = await loop.run_in_executor(self._encode_pool, self.encoder.encode, query, documents, policy)
+            tokenized = time.perf_counter()
+            self._check_window_count(len(encoded.pairs))
             logits = await self.batcher.score(encoded.pairs)
         else:
             raise NotReadyError(f"the model is not ready ({self.state})")
+        metrics.TOKENIZATION_SECONDS.observe(tokenized - started)
         scored = time.perf_counter()
         results = []
         for index, (first, count) in enumerate(zip(encoded.first_pair, encoded.window_count, strict=True)):
@@ -259,40 +279,64 @@ class RerankService:
             results.append(DocumentScore(index, logit, sigmoid(logit), best, count, encoded.truncated[index]))
         return RerankOutcome(results, encoded.total_tokens, tokenize_s=tokenized - started, score_s=scored - tokenized)
 
-    async def _encode(
-        self, encoder: PairEncoder, query: str, documents: Sequence[str], policy: WindowPolicy
-    ) -> tuple[EncodedRequest, bytes]:
-        """Tokenise (and, for the engine processes, pack) in the encode threads, off the event loop.
-
-        With engine processes, a large request is split into parts tokenised in parallel (the tokenizer
-        releases the GIL): 64 documents of 256 tokens are ~16k tokens, tens of milliseconds of one core, more
-        than the GPU's whole batch; in parts, one request's latency is about its batch time, not its
-        tokenisation's. Inline, the cores belong to the forward pass: one part.
-        """
-        loop = asyncio.get_running_loop()
-        if self.engines is None:
-            encoded = await loop.run_in_executor(self._encode_pool, encoder.encode, query, documents, policy)
-            return encoded, b""
-        parts = encode_parts(len(documents), self._encode_threads - self._encode_parts_running)
-        self._encode_parts_running += len(parts)
-        try:
-            results = await asyncio.gather(
-                *(
-                    loop.run_in_executor(
-                        self._encode_pool, self._encode_and_pack, encoder, query, documents[part], policy
-                    )
-                    for part in parts
-                )
+    def _check_window_count(self, windows: int) -> None:
+        limit = self.settings.max_windows_per_request
+        if windows > limit:
+            metrics.REJECTED.labels("too_many_windows").inc()
+            raise PayloadTooLargeError(
+                f"this request needs {windows} scored windows; the limit is {limit} "
+                "(RERANKER_MAX_WINDOWS_PER_REQUEST): send fewer documents or lower max_chunks_per_doc",
+                param="documents",
             )
-        finally:
-            self._encode_parts_running -= len(parts)
-        merged = EncodedRequest()
-        for part, _ in results:
-            merged.first_pair.extend(len(merged.pairs) + first for first in part.first_pair)
-            merged.pairs.extend(part.pairs)
-            merged.window_count.extend(part.window_count)
-            merged.truncated.extend(part.truncated)
-        return merged, join_packed([packed for _, packed in results])
+
+    async def _encode_and_score(
+        self, engines: EngineClient, query: str, documents: Sequence[str], policy: WindowPolicy
+    ) -> tuple[EncodedRequest, list[float], float]:
+        """Tokenise and pack in the encode threads, off the event loop, and score on the engines: the pairs, their
+        logits, and when tokenising ended.
+
+        A large request is split into parts tokenised in parallel (the tokenizer releases the GIL): 64 documents
+        of 256 tokens are ~16k tokens, tens of milliseconds of one core, more than the GPU's whole batch. Where
+        each document is one pair (truncation, the default), each part goes to the engine as soon as it is
+        tokenised, so the GPU starts on the first parts while the others are still being tokenised; the batcher
+        merges what arrives meanwhile. A busy worker gives each request one part, which changes nothing then.
+        """
+        assert self.encoder is not None
+        encoder, loop = self.encoder, asyncio.get_running_loop()
+        parts = encode_parts(len(documents), self._encode_threads - self._encode_parts_running)
+        # One pair per document, so the whole request's size is known before any part is scored: parts may go
+        # ahead while the limits hold (more documents than windows allowed get their 413 below, unscored).
+        streamed = (
+            len(parts) > 1
+            and policy.max_windows == 1
+            and len(documents) <= min(self.settings.max_windows_per_request, engines.max_queue_pairs)
+        )
+        tokenized: list[float] = []
+
+        async def encode(part: slice) -> tuple[EncodedRequest, PackedPairs]:
+            self._encode_parts_running += 1  # what the next request's encode_parts sees as taken
+            try:
+                result = await loop.run_in_executor(
+                    self._encode_pool, self._encode_and_pack, encoder, query, documents[part], policy
+                )
+            finally:
+                self._encode_parts_running -= 1
+            tokenized.append(time.perf_counter())
+            return result
+
+        async def encode_and_score(part: slice) -> tuple[EncodedRequest, list[float]]:
+            encoded, packed = await encode(part)
+            return encoded, await engines.score(join_packed([packed]), len(encoded.pairs))
+
+        if streamed:
+            results = await gather_or_cancel([encode_and_score(part) for part in parts])
+            encoded = merge_encoded([part for part, _ in results])
+            return encoded, [logit for _, logits in results for logit in logits], max(tokenized)
+        packed_parts = await gather_or_cancel([encode(part) for part in parts])
+        encoded = merge_encoded([part for part, _ in packed_parts])
+        self._check_window_count(len(encoded.pairs))
+        logits = await engines.score(join_packed([packed for _, packed in packed_parts]), len(encoded.pairs))
+        return encoded, logits, max(tokenized)
 
     @staticmethod
     def _encode_and_pack(

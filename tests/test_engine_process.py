@@ -51,32 +51,62 @@ class TestWire:
         assert decode_scores(encode_scores(scores), 4) == scores
 
 
-class TestEncodeParts:
-    """A worker tokenises a big request in parts on its free encode threads and sends one SCORE body."""
+class RecordingEngines:
+    """Stands where the worker's EngineClient would: records each SCORE (its pairs) and answers each pair with
+    the sum of its token ids, so a test can tell which logit belongs to which pair."""
 
-    def service(self, model_dir: Path, threads: int) -> RerankService:
-        settings = Settings(model_path=model_dir)  # type: ignore[arg-type]
+    def __init__(self, *, max_queue_pairs: int = 8192, fail_call: int | None = None) -> None:
+        self.max_queue_pairs = max_queue_pairs
+        self.calls: list[list[EncodedPair]] = []
+        self.fail_call = fail_call
+        self.cancelled = 0
+
+    async def score(self, payload: bytes, count: int) -> list[float]:
+        pairs = decode_pairs(payload, count)
+        self.calls.append(pairs)
+        if len(self.calls) == self.fail_call:
+            raise OverloadedError("this worker has too many pairs queued; retry shortly")
+        try:
+            await asyncio.sleep(0.01)  # the forward pass
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        return [float(sum(int(token) for token in pair.input_ids)) for pair in pairs]
+
+
+class TestEncodeParts:
+    """A worker tokenises a big request in parts on its free encode threads; truncated requests' parts go to the
+    engine one by one as they are tokenised, others as one SCORE body."""
+
+    def service(self, model_dir: Path, threads: int, **overrides: Any) -> RerankService:
+        settings = Settings(model_path=model_dir, **overrides)  # type: ignore[arg-type]
         service = RerankService(settings, lambda: SimulatedDevice(settings), engine_sockets=[Path("unused.sock")])
         service.encoder = load_pair_encoder(settings)
-        service.engines = cast(EngineClient, object())  # only "engine mode": nothing is sent here
         service._encode_threads = threads
         service._encode_pool = ThreadPoolExecutor(threads)
         return service
 
-    def test_parts_merge_into_exactly_the_whole_request(self, tiny_model_dir: Path) -> None:
+    def run(
+        self, service: RerankService, engines: RecordingEngines, documents: list[str], policy: WindowPolicy
+    ) -> tuple[Any, list[float], float]:
+        return asyncio.run(service._encode_and_score(cast(EngineClient, engines), "query", documents, policy))
+
+    def test_windowed_parts_merge_into_exactly_the_whole_request(self, tiny_model_dir: Path) -> None:
         service = self.service(tiny_model_dir, threads=4)
         assert service.encoder is not None
-        query = "which harbour was busy"
         # Long documents windowed: parts must offset each document's first window by the windows before it.
         documents = [" ".join(["harbour ship dawn"] * (3 + 40 * (n % 3))) for n in range(30)]
         policy = WindowPolicy(max_windows=3, overlap=4)
-        whole = service.encoder.encode(query, documents, policy)
+        whole = service.encoder.encode("query", documents, policy)
         assert len(whole.pairs) > len(documents)  # some documents have several windows
-        merged, body = asyncio.run(service._encode(service.encoder, query, documents, policy))
+        engines = RecordingEngines()
+        merged, logits, _ = self.run(service, engines, documents, policy)
         assert merged == whole
-        assert body == encode_pairs(whole.pairs)
+        assert len(engines.calls) == 1  # one body, the whole request's pairs
+        assert [list(pair.input_ids) for pair in engines.calls[0]] == [pair.input_ids for pair in whole.pairs]
+        assert logits == [float(sum(pair.input_ids)) for pair in whole.pairs]
 
-    def test_an_idle_worker_spreads_a_request_and_a_busy_one_does_not(
+    def test_an_idle_worker_streams_a_request_in_parts_and_a_busy_one_does_not(
         self, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         service = self.service(tiny_model_dir, threads=4)
@@ -90,17 +120,38 @@ class TestEncodeParts:
 
         monkeypatch.setattr(service, "_encode_and_pack", counted)
         documents = [f"document number {n}" for n in range(64)]
-        asyncio.run(service._encode(service.encoder, "query", documents, TRUNCATE))
+        whole = service.encoder.encode("query", documents, TRUNCATE)
+        engines = RecordingEngines()
+        merged, logits, _ = self.run(service, engines, documents, TRUNCATE)
         assert sizes == [16, 16, 16, 16]  # all four threads free
+        assert sorted(len(call) for call in engines.calls) == [16, 16, 16, 16]  # each part scored on its own
+        assert merged == whole
+        assert logits == [float(sum(pair.input_ids)) for pair in whole.pairs]  # in the request's order
+        assert service._encode_parts_running == 0
         sizes.clear()
+        engines = RecordingEngines()
         service._encode_parts_running = 3  # three parts of other requests are being tokenised
-        asyncio.run(service._encode(service.encoder, "query", documents, TRUNCATE))
-        assert sizes == [64]
+        self.run(service, engines, documents, TRUNCATE)
+        assert sizes == [64] and [len(call) for call in engines.calls] == [64]
         assert service._encode_parts_running == 3  # its own parts counted out again
         sizes.clear()
         service._encode_parts_running = 0
-        asyncio.run(service._encode(service.encoder, "query", documents[:6], TRUNCATE))
+        self.run(service, RecordingEngines(), documents[:6], TRUNCATE)
         assert sizes == [6]  # fewer than two parts' worth of documents: one part
+
+    def test_a_failing_part_fails_the_request_and_cancels_the_others(self, tiny_model_dir: Path) -> None:
+        service = self.service(tiny_model_dir, threads=4)
+        engines = RecordingEngines(fail_call=2)
+        with pytest.raises(OverloadedError):
+            self.run(service, engines, [f"document number {n}" for n in range(64)], TRUNCATE)
+        assert len(engines.calls) >= 2 and engines.cancelled >= 1
+
+    def test_a_request_past_the_window_limit_is_refused_before_any_part_is_scored(self, tiny_model_dir: Path) -> None:
+        service = self.service(tiny_model_dir, threads=4, max_windows_per_request=20)
+        engines = RecordingEngines()
+        with pytest.raises(PayloadTooLargeError, match="needs 64 scored windows"):
+            self.run(service, engines, [f"document number {n}" for n in range(64)], TRUNCATE)
+        assert engines.calls == []
 
 
 class TestPlan:
