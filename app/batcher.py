@@ -270,9 +270,11 @@ class DynamicBatcher:
         width = max(len(item.pair) for item in live)
         metrics.INFERENCE_SECONDS.observe(batch.seconds)
         metrics.BATCH_SIZE.observe(len(live))
-        metrics.BATCH_TOKENS.observe(len(live) * width)
+        total = sum(len(item.pair) for item in live)
+        run_as = len(live) * width if self._batch_tokens is None else self._batch_tokens(len(live), width, total)
+        metrics.BATCH_TOKENS.observe(run_as)
         metrics.PAIRS_SCORED.inc(len(live))
-        metrics.TOKENS_SCORED.inc(sum(len(item.pair) for item in live))
+        metrics.TOKENS_SCORED.inc(total)
         for item, score in zip(live, scores, strict=True):
             request = item.request
             if request.future.done():

@@ -158,7 +158,12 @@ class Settings(BaseSettings):
 
     # Batching and limits
     max_batch_tokens: int = Field(
-        16384, ge=64, description="Padded tokens in one forward pass (batch pairs × longest pair)."
+        16384,
+        ge=64,
+        description=(
+            "Tokens in one forward pass as it runs: padded, batch pairs × longest pair; packed (CUDA, BERT family), "
+            "the pairs' own tokens."
+        ),
     )
     max_batch_pairs: int = Field(256, ge=1, description="Pairs in one forward pass at most.")
     max_queue_pairs: int = Field(

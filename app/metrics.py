@@ -37,7 +37,10 @@ PAIRS_CANCELLED = Counter(
 )
 BATCH_SIZE = Histogram("reranker_batch_size", "Pairs per forward pass.", buckets=SIZE_BUCKETS)
 BATCH_TOKENS = Histogram(
-    "reranker_batch_tokens", "Padded tokens per forward pass (pairs × longest pair).", buckets=TOKEN_BUCKETS
+    "reranker_batch_tokens",
+    "Tokens per forward pass as it runs: padded (pairs × longest pair, or the CUDA graph shape it is padded to) or "
+    "packed (its pairs' tokens, to the graph's bucket).",
+    buckets=TOKEN_BUCKETS,
 )
 INFERENCE_SECONDS = Histogram(
     "reranker_inference_duration_seconds", "Time of one forward pass.", buckets=LATENCY_BUCKETS

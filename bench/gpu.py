@@ -313,11 +313,11 @@ class Steps:
 
 
 def batch_figures(cell: dict[str, Any]) -> str:
-    """A service cell's average forward pass (pairs x padded tokens, ms: to set beside the engine alone's), the
+    """A service cell's average forward pass (pairs, tokens as run, ms: to set beside the engine alone's), the
     forward thread's busy share, tokenising per request, and the load generator's CPU (near 1.00: it limits)."""
     extra = cell.get("server_extra") or {}
     return (
-        f"{cell['clients']}: {extra.get('mean_batch_pairs', 0):.0f}x{extra.get('mean_batch_tokens', 0):.0f}t "
+        f"{cell['clients']}: {extra.get('mean_batch_pairs', 0):.0f} pairs/{extra.get('mean_batch_tokens', 0):.0f} t "
         f"{extra.get('mean_batch_ms', 0):.1f} ms busy {extra.get('model_busy_share', 0):.0%} "
         f"tok {extra.get('tokenize_ms', 0):.1f} ms load {cell.get('client_cores', 0):.2f}"
     )
