@@ -1,12 +1,15 @@
-"""The PyTorch backend: loads a local cross-encoder directory offline and scores padded batches.
+"""The PyTorch backend: loads a local cross-encoder directory offline and scores batches of pairs.
 
 How it runs, and why (measured on bge-reranker-base's shape with ``python -m bench.run``; README, "Benchmark"):
 
 - Every device: the last layer runs for the first token only (``first_token.py``): the score reads nothing
   else, so the same answer for ~7 % fewer FLOPs (10 % faster on the CPU); checked on a probe batch at load.
-- CUDA: float16 weights and activations, SDPA (fused) attention, one forward pass per batcher batch. With
-  RERANKER_DTYPE=bfloat16, float32 weights under bf16 autocast, as on the CPU: bf16 weights and activations
-  throughout swapped clearly separated pairs on an H200 (tests/test_precision.py).
+- CUDA: float16 weights and activations, SDPA (fused) attention, one forward pass per batcher batch, replayed
+  from CUDA graphs. BERT, RoBERTa and XLM-RoBERTa models run packed batches (``packed.py``: no padding, attention
+  pair by pair with FlashAttention's varlen kernel); other models, padded batches in graph buckets
+  (``cuda_graphs.py``). With RERANKER_DTYPE=bfloat16, float32 weights under bf16 autocast, as on the CPU
+  (padded batches): bf16 weights and activations throughout swapped clearly separated pairs on an H200
+  (tests/test_precision.py).
 - CPU with native bf16 (AVX512-BF16 / AMX): float32 weights under ``torch.autocast(bfloat16)``. oneDNN runs
   the matrix products in bf16 at twice its best float32 rate (4-5x what eager float32, MKL's sgemm, gets on
   a 2-core EPYC), while layer norms, softmax and the residual stream stay float32, so scores land closer to
