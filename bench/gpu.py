@@ -7,17 +7,18 @@
    ignored by git), with ``pip install --no-index --no-deps --target``; then runs itself again with them on
    ``PYTHONPATH``, so every server it starts sees them too. Nothing is fetched.
 2. The engine alone, in-process (``bench/engine_alone.py``): ``TorchBackend.forward`` on 64 and 256 pairs of
-   256 tokens, unpadded and padded (lengths 248-264), and the matmul peak.
+   256 tokens, unpadded and padded (lengths 248-264), and the matmul peak; as it serves (packed batches on a
+   GPU that allows them) and, after the tests, on padded batches (``RERANKER_PACKED_BATCHES=false``).
 3. The service (``bench/run.py``: ``python -m app``, the engine-process design on a GPU) with 1 HTTP worker
    beside the seed baseline (``bench/baseline_server.py``); the ``target`` setting and ``gpu64`` (64 documents
    of ~256 tokens), at 1/4/16/64 clients.
-4. The GPU test tier, ``pytest -m gpu``; then how fast one ``gpu64`` request is tokenised with 1-16 threads
-   (``bench/tokenize_threads.py``).
+4. The GPU test tier, ``pytest -m gpu``.
 5. Variants (``--variant``): the service again with other settings on ``gpu64`` at 1, 16 and 64 clients,
-   beside the main run's cells; by default ``RERANKER_MAX_BATCH_TOKENS=32768``: whether batches twice the default
-   token budget (a 64-document request in one batch, 112-pair batches under load) are worth making the GPU's
-   default. ``eager:RERANKER_CUDA_GRAPHS=false`` measures what the CUDA graphs buy (on an H100: 215 pairs/s at 16
-   clients without them, 5,494 with).
+   beside the main run's cells; by default ``padded:RERANKER_PACKED_BATCHES=false`` (what packing buys the
+   service) and ``budget32k:RERANKER_MAX_BATCH_TOKENS=32768`` (whether batches twice the default token budget,
+   a 64-document request in one batch, are worth making the GPU's default). ``eager:RERANKER_CUDA_GRAPHS=false``
+   measures what the CUDA graphs buy (on an H100: 215 pairs/s at 16 clients without them, 5,494 with). Then how
+   fast one ``gpu64`` request is tokenised with 1-16 threads (``bench/tokenize_threads.py``).
 6. The service with the other worker counts (``--workers``, default 4), without the baseline.
 
 ``python -m bench.gpu --suite`` instead runs the test suite there, bar the Docker tier (``--suite MARKS`` for a
@@ -525,14 +526,12 @@ def main(argv: list[str] | None = None) -> int:
             return json.loads(result.read_text())  # type: ignore[no-any-return]
         return None
 
-    # The engine as it serves (packed batches where the model and GPU allow), and with padded batches, side by side.
+    # The engine as it serves (packed batches where the model and GPU allow); with padded batches after the tests.
     steps.record["engine_alone"] = engine_alone("engine-alone", args.engine_pairs)
-    steps.record["engine_alone_padded"] = engine_alone(
-        "engine-alone-padded", args.engine_pairs.split(",")[0], ["RERANKER_PACKED_BATCHES=false"]
-    )
 
     # In order of what a short budget may least afford to lose: the first worker count (with the baseline: the
-    # goals' figures), the GPU tests, the variants, then the other worker counts.
+    # goals' figures), the GPU tests, the engine alone on padded batches, the variants, the tokenising figures,
+    # then the other worker counts.
     steps.record["service"] = {}
     worker_counts = [int(w) for w in args.workers.split(",")]
 
@@ -552,14 +551,9 @@ def main(argv: list[str] | None = None) -> int:
             timeout_s=args.test_timeout,
         )
 
-    tokenize_json = args.out / "tokenize.json"
-    if steps.run(
-        "tokenize",
-        [python, "-m", "bench.tokenize_threads", "--model-dir", str(model_dir), "--json", str(tokenize_json)],
-        needs_s=30,
-        timeout_s=120,
-    ):
-        steps.record["tokenize"] = json.loads(tokenize_json.read_text())
+    steps.record["engine_alone_padded"] = engine_alone(
+        "engine-alone-padded", args.engine_pairs.split(",")[0], ["RERANKER_PACKED_BATCHES=false"]
+    )
 
     for label, settings in args.variants.items():
         name = f"variant-{label}"
@@ -576,6 +570,15 @@ def main(argv: list[str] | None = None) -> int:
         keep_service_figures(
             steps, args, name, f"variant {label} ({', '.join(settings)}), {worker_counts[0]} HTTP worker(s)"
         )
+
+    tokenize_json = args.out / "tokenize.json"
+    if steps.run(
+        "tokenize",
+        [python, "-m", "bench.tokenize_threads", "--model-dir", str(model_dir), "--json", str(tokenize_json)],
+        needs_s=30,
+        timeout_s=120,
+    ):
+        steps.record["tokenize"] = json.loads(tokenize_json.read_text())
 
     for workers in worker_counts[1:]:
         service_run(workers, baseline=False)
