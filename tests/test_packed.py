@@ -95,7 +95,7 @@ def test_every_batch_the_batcher_plans_has_a_packed_bucket() -> None:
             lengths, max_batch_tokens=16384, max_batch_pairs=256, batch_tokens=planned.batch_tokens
         ):
             total = sum(lengths[p] for p in batch)
-            shape = planned.bucket(len(batch), total)
+            shape = planned.bucket(len(batch), total, max(lengths[p] for p in batch))
             assert shape is not None and shape in planned.shapes, (len(batch), total)
             rows, tokens = shape
             assert rows >= len(batch) and tokens >= total + rows - len(batch) and tokens <= 16384
@@ -111,7 +111,12 @@ def test_every_batch_the_batcher_plans_has_a_packed_bucket() -> None:
         )
     ] == [63, 1]
     # 64 pairs of exactly 256 tokens fill the largest bucket exactly (no trailing pad tokens): one batch.
-    assert planned.bucket(64, 64 * 256) == (64, 16384)
+    assert planned.bucket(64, 64 * 256, 256) == (64, 16384)
+    # A model with longer pairs (bge-reranker-v2-m3: 8,192): batches of pairs up to 512 tokens run packed, a
+    # batch with a longer pair padded (eagerly), and the batcher counts it so.
+    long = graphs(max_length=8192)
+    assert long.bucket(3, 1500, 512) == (4, 1536) and long.bucket(3, 1500, 513) is None
+    assert long.batch_tokens(3, 1000, 1500) == 3000
 
 
 def test_token_buckets() -> None:

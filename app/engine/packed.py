@@ -52,6 +52,11 @@ PACKABLE_MODEL_TYPES = {
 # to capture at start (each ~0.1 s), where padded graphs need fine ones.
 ROW_BUCKETS = (4, 16, 64, 256)
 GRAPH_MAX_TOKENS = 32768  # as for padded graphs: bigger batches gain little from a replay
+# The longest pair a packed graph takes. FlashAttention's grid has a block row for every 128 tokens of the longest
+# sequence it is told of, in every sequence and head: sized for 8,192-token pairs (bge-reranker-v2-m3), a batch of
+# 256 pairs would start some 260,000 blocks a layer, nearly all of them idle. A batch with a longer pair runs
+# padded, eagerly: it is long enough for the launches not to matter.
+PACKED_MAX_LENGTH = 512
 
 
 def token_buckets(max_tokens: int, max_length: int) -> list[int]:
@@ -227,6 +232,7 @@ class PackedGraphs:
     ) -> None:
         self.packed = packed
         self.device = device
+        max_length = min(max_length, PACKED_MAX_LENGTH)
         self.max_length = max_length
         self.rows = sorted({size for size in ROW_BUCKETS if size < max_batch_pairs} | {min(max_batch_pairs, 256)})
         self.tokens = token_buckets(min(max_batch_tokens, GRAPH_MAX_TOKENS), max_length)
@@ -249,9 +255,10 @@ class PackedGraphs:
     def __len__(self) -> int:
         return len(self._graphs)
 
-    def bucket(self, pairs: int, total: int) -> tuple[int, int] | None:
-        """The (rows, tokens) bucket of ``pairs`` pairs of ``total`` tokens; None past the buckets."""
-        if pairs >= len(self._row_bucket):
+    def bucket(self, pairs: int, total: int, longest: int) -> tuple[int, int] | None:
+        """The (rows, tokens) bucket of ``pairs`` pairs of ``total`` tokens, the longest ``longest``; None past
+        the buckets."""
+        if pairs >= len(self._row_bucket) or longest > self.max_length:
             return None
         rows = self._row_bucket[pairs]
         needed = total + rows - pairs  # a spare row is one pad token
@@ -261,7 +268,7 @@ class PackedGraphs:
     def batch_tokens(self, pairs: int, longest: int, total: int) -> int:
         """What the batcher counts a batch as: its token bucket; past the buckets, its padded size (it runs
         padded, eagerly)."""
-        shape = self.bucket(pairs, total)
+        shape = self.bucket(pairs, total, longest)
         return shape[1] if shape is not None else pairs * longest
 
     def capture(self) -> None:
@@ -312,7 +319,7 @@ class PackedGraphs:
 
     def run(self, pairs: Sequence[EncodedPair]) -> torch.Tensor | None:
         """The batch's logits (``(len(pairs), labels)``, on the device), or None if no captured shape holds it."""
-        shape = self.bucket(len(pairs), sum(len(pair) for pair in pairs))
+        shape = self.bucket(len(pairs), sum(len(pair) for pair in pairs), max(len(pair) for pair in pairs))
         if shape is None or shape not in self._graphs or self._host is None or self._inputs is None:
             return None
         graph, layout, logits = self._graphs[shape]

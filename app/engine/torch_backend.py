@@ -405,9 +405,10 @@ class TorchBackend:
     def _long_probe(self, graphs: PackedGraphs) -> list[EncodedPair]:
         """Up to 40 pairs of spread lengths up to the longest, as many as the largest bucket holds: a full-size
         packed batch for the load-time check."""
-        documents = [" ".join(["harbour"] * ((self.encoder.max_length * n) // 40)) for n in range(1, 41)]
+        documents = [" ".join(["harbour"] * ((graphs.max_length * n) // 40)) for n in range(1, 41)]
         pairs = self.encoder.encode("which passage mentions the harbour", documents).pairs
-        while len(pairs) > 1 and graphs.bucket(len(pairs), sum(len(pair) for pair in pairs)) is None:
+        pairs = [pair for pair in pairs if len(pair) <= graphs.max_length]
+        while len(pairs) > 1 and graphs.bucket(len(pairs), sum(map(len, pairs)), max(map(len, pairs))) is None:
             pairs = pairs[:-1]
         return pairs
 
