@@ -48,9 +48,9 @@ PACKABLE_MODEL_TYPES = {
     "xlm-roberta": "after_padding",
     "camembert": "after_padding",
 }
-# A spare row costs one pad token and a few idle FlashAttention blocks, so row buckets can be coarse: fewer shapes
-# to capture at start (each ~0.1 s), where padded graphs need fine ones.
-ROW_BUCKETS = (4, 16, 64, 256)
+# A spare row costs one pad token and a few idle FlashAttention blocks; a packed shape captures in ~8 ms (316 in
+# 3 s on an H100, where padded ones take ~0.1 s each), so the row buckets can be fine.
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 GRAPH_MAX_TOKENS = 32768  # as for padded graphs: bigger batches gain little from a replay
 # The longest pair a packed graph takes. FlashAttention's grid has a block row for every 128 tokens of the longest
 # sequence it is told of, in every sequence and head: sized for 8,192-token pairs (bge-reranker-v2-m3), a batch of
@@ -236,6 +236,7 @@ class PackedGraphs:
         self.max_length = max_length
         self.rows = sorted({size for size in ROW_BUCKETS if size < max_batch_pairs} | {min(max_batch_pairs, 256)})
         self.tokens = token_buckets(min(max_batch_tokens, GRAPH_MAX_TOKENS), max_length)
+        self._token_set = set(self.tokens)
         self.shapes = [
             (rows, tokens)
             for rows in self.rows
@@ -260,16 +261,21 @@ class PackedGraphs:
         the buckets."""
         if pairs >= len(self._row_bucket) or longest > self.max_length:
             return None
+        tokens = self.batch_tokens(pairs, longest, total)
+        return (self._row_bucket[pairs], tokens) if tokens in self._token_set else None
+
+    def batch_tokens(self, pairs: int, longest: int, total: int) -> int:
+        """What the batcher counts a batch as: its token bucket. Past the largest bucket, the tokens it would
+        need, so that within a budget the buckets cover (up to ``GRAPH_MAX_TOKENS``) it is one pair too many: an
+        eager batch would cost far more than splitting it (on an H100, batches counted by their padded size
+        instead, and so run eagerly, cut gpu64's pairs/s by a third at 16 clients). With a pair longer than the
+        graphs take, its padded size: it runs padded, eagerly."""
+        if longest > self.max_length or pairs >= len(self._row_bucket):
+            return pairs * longest
         rows = self._row_bucket[pairs]
         needed = total + rows - pairs  # a spare row is one pad token
         index = bisect_left(self.tokens, needed)
-        return (rows, self.tokens[index]) if index < len(self.tokens) else None
-
-    def batch_tokens(self, pairs: int, longest: int, total: int) -> int:
-        """What the batcher counts a batch as: its token bucket; past the buckets, its padded size (it runs
-        padded, eagerly)."""
-        shape = self.bucket(pairs, total, longest)
-        return shape[1] if shape is not None else pairs * longest
+        return self.tokens[index] if index < len(self.tokens) else needed
 
     def capture(self) -> None:
         """Capture every shape, largest first (one memory pool, sized by the largest)."""
