@@ -55,28 +55,18 @@ class RecordingEngines:
     """Stands where the worker's EngineClient would: records each SCORE (its pairs) and answers each pair with
     the sum of its token ids, so a test can tell which logit belongs to which pair."""
 
-    def __init__(self, *, max_queue_pairs: int = 8192, fail_call: int | None = None) -> None:
-        self.max_queue_pairs = max_queue_pairs
+    def __init__(self) -> None:
+        self.max_queue_pairs = 8192
         self.calls: list[list[EncodedPair]] = []
-        self.fail_call = fail_call
-        self.cancelled = 0
 
     async def score(self, payload: bytes, count: int) -> list[float]:
         pairs = decode_pairs(payload, count)
         self.calls.append(pairs)
-        if len(self.calls) == self.fail_call:
-            raise OverloadedError("this worker has too many pairs queued; retry shortly")
-        try:
-            await asyncio.sleep(0.01)  # the forward pass
-        except asyncio.CancelledError:
-            self.cancelled += 1
-            raise
         return [float(sum(int(token) for token in pair.input_ids)) for pair in pairs]
 
 
 class TestEncodeParts:
-    """A worker tokenises a big request in parts on its free encode threads; truncated requests' parts go to the
-    engine one by one as they are tokenised, others as one SCORE body."""
+    """A worker tokenises a big request in parts on its free encode threads and sends one SCORE body."""
 
     def service(self, model_dir: Path, threads: int, **overrides: Any) -> RerankService:
         settings = Settings(model_path=model_dir, **overrides)  # type: ignore[arg-type]
@@ -91,7 +81,7 @@ class TestEncodeParts:
     ) -> tuple[Any, list[float], float]:
         return asyncio.run(service._encode_and_score(cast(EngineClient, engines), "query", documents, policy))
 
-    def test_windowed_parts_merge_into_exactly_the_whole_request(self, tiny_model_dir: Path) -> None:
+    def test_parts_merge_into_exactly_the_whole_request(self, tiny_model_dir: Path) -> None:
         service = self.service(tiny_model_dir, threads=4)
         assert service.encoder is not None
         # Long documents windowed: parts must offset each document's first window by the windows before it.
@@ -106,7 +96,7 @@ class TestEncodeParts:
         assert [list(pair.input_ids) for pair in engines.calls[0]] == [pair.input_ids for pair in whole.pairs]
         assert logits == [float(sum(pair.input_ids)) for pair in whole.pairs]
 
-    def test_an_idle_worker_streams_a_request_in_parts_and_a_busy_one_does_not(
+    def test_an_idle_worker_spreads_a_request_and_a_busy_one_does_not(
         self, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         service = self.service(tiny_model_dir, threads=4)
@@ -124,29 +114,20 @@ class TestEncodeParts:
         engines = RecordingEngines()
         merged, logits, _ = self.run(service, engines, documents, TRUNCATE)
         assert sizes == [16, 16, 16, 16]  # all four threads free
-        assert sorted(len(call) for call in engines.calls) == [16, 16, 16, 16]  # each part scored on its own
+        assert [len(call) for call in engines.calls] == [64]  # one SCORE for the whole request
         assert merged == whole
         assert logits == [float(sum(pair.input_ids)) for pair in whole.pairs]  # in the request's order
-        assert service._encode_parts_running == 0
         sizes.clear()
-        engines = RecordingEngines()
         service._encode_parts_running = 3  # three parts of other requests are being tokenised
-        self.run(service, engines, documents, TRUNCATE)
-        assert sizes == [64] and [len(call) for call in engines.calls] == [64]
+        self.run(service, RecordingEngines(), documents, TRUNCATE)
+        assert sizes == [64]
         assert service._encode_parts_running == 3  # its own parts counted out again
         sizes.clear()
         service._encode_parts_running = 0
         self.run(service, RecordingEngines(), documents[:6], TRUNCATE)
         assert sizes == [6]  # fewer than two parts' worth of documents: one part
 
-    def test_a_failing_part_fails_the_request_and_cancels_the_others(self, tiny_model_dir: Path) -> None:
-        service = self.service(tiny_model_dir, threads=4)
-        engines = RecordingEngines(fail_call=2)
-        with pytest.raises(OverloadedError):
-            self.run(service, engines, [f"document number {n}" for n in range(64)], TRUNCATE)
-        assert len(engines.calls) >= 2 and engines.cancelled >= 1
-
-    def test_a_request_past_the_window_limit_is_refused_before_any_part_is_scored(self, tiny_model_dir: Path) -> None:
+    def test_a_request_past_the_window_limit_is_refused_before_it_is_scored(self, tiny_model_dir: Path) -> None:
         service = self.service(tiny_model_dir, threads=4, max_windows_per_request=20)
         engines = RecordingEngines()
         with pytest.raises(PayloadTooLargeError, match="needs 64 scored windows"):
