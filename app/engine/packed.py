@@ -48,8 +48,8 @@ PACKABLE_MODEL_TYPES = {
     "xlm-roberta": "after_padding",
     "camembert": "after_padding",
 }
-# A spare row costs one pad token and a few idle FlashAttention blocks; a packed shape captures in ~8 ms (316 in
-# 3 s on an H100, where padded ones take ~0.1 s each), so the row buckets can be fine.
+# A spare row costs one pad token and a few idle FlashAttention blocks; a packed shape captures in ~10 ms (312 in
+# 3.3 s on an H100, where padded ones take ~0.1 s each), so the row buckets can be fine.
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 GRAPH_MAX_TOKENS = 32768  # as for padded graphs: bigger batches gain little from a replay
 # The longest pair a packed graph takes. FlashAttention's grid has a block row for every 128 tokens of the longest
