@@ -6,13 +6,14 @@ engine alone ran 64 pairs of exactly 256 tokens at 7,083 pairs/s and 64 pairs of
 and 36 % of the fp16 matmul peak): real documents are never the same length. Packed, as text-embeddings-
 inference runs BERT-family models, a batch of pairs is one ``(tokens, hidden)`` matrix: the dense layers see only
 real tokens, and attention runs pair by pair inside one kernel (``cu_seqlens`` marks where each pair starts), so
-a batch costs its tokens, whatever mix of lengths it holds.
+a batch costs its tokens, whatever mix of lengths it holds. Measured side by side on that H100 (README,
+"Packed batches"): 64 pairs of 248-264 tokens at 7,332 pairs/s packed against 5,047 padded (45 % and 30 %).
 
 ``PackedModel`` runs a BERT-layout sequence classifier (BERT, RoBERTa, XLM-RoBERTa, CamemBERT: the families
 whose head reads the first token) from the loaded model's own modules and weights: the embeddings with each
 pair's positions restarted, Q, K and V as one product per layer, and the last layer for the first tokens only
-(as ``first_token.py`` does for padded batches). ``TorchBackend`` checks it against the padded model on a probe
-batch before serving with it.
+(as ``first_token.py`` does for padded batches). ``TorchBackend`` checks it against the padded model on two
+probe batches before serving with it.
 
 ``PackedGraphs`` captures it as CUDA graphs over (rows, tokens) buckets, as ``cuda_graphs.py`` does padded
 batches: a batch of ``n`` pairs runs in the smallest row bucket ``R >= n`` (the ``R - n`` spare rows one pad token
