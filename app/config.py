@@ -98,7 +98,7 @@ class Settings(BaseSettings):
     packed_batches: bool = Field(
         True,
         description=(
-            "On CUDA (compute capability 8.0+, float16/bfloat16), run BERT, RoBERTa and XLM-RoBERTa models on packed "
+            "On CUDA (compute capability 8.0+, float16), run BERT, RoBERTa and XLM-RoBERTa models on packed "
             "batches: no padding, attention per pair (FlashAttention varlen), graphs over (pairs, tokens) buckets; "
             "checked against the padded model at start. false = padded batches."
         ),

@@ -3,9 +3,10 @@
     python -m bench.tokenize_threads --model-dir /tmp/reranker-bench/bge-reranker-base
 
 Tokenises one ``gpu64`` request (64 documents of ~256 tokens) the way an HTTP worker with engine processes does
-(``RerankService._encode``: parts of at least 4 documents, each tokenised and packed in an encode thread), with 1
-to 16 threads, and once more with the tokenizer's own Rust thread pool (``TOKENIZERS_PARALLELISM=true``; the
-server sets it to false). Prints the median milliseconds per request; ``--json`` writes them.
+(``RerankService._encode_and_score``: parts of at least 4 documents, each tokenised and packed in an encode
+thread), with 1 to 16 threads, and once more with the tokenizer's own Rust thread pool
+(``TOKENIZERS_PARALLELISM=true``; the server sets it to false). Prints the median milliseconds per request;
+``--json`` writes them.
 """
 
 from __future__ import annotations

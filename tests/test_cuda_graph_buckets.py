@@ -27,16 +27,6 @@ def planned(max_length: int = 512, max_batch_pairs: int = 256, max_batch_tokens:
     return graphs
 
 
-def padded_tokens(graphs: CudaGraphs) -> Any:
-    """What TorchBackend.batch_tokens counts with padded graphs: the bucket's rows x columns."""
-
-    def tokens(pairs: int, longest: int, total: int) -> int:
-        rows, columns = graphs.batch_shape(pairs, longest)
-        return rows * columns
-
-    return tokens
-
-
 def test_every_batch_the_batcher_forms_runs_in_a_captured_shape() -> None:
     """Sized by its bucket, every batch within the token budget has a graph (an eager batch slows with the CPU
     load beside it), and as many pairs as the budget allows share one."""
@@ -46,7 +36,7 @@ def test_every_batch_the_batcher_forms_runs_in_a_captured_shape() -> None:
     rounds.append([248 + n % 19 for n in range(64)])  # one request of 64 documents of ~256 tokens
     for lengths in rounds:
         for batch in plan_batches(
-            lengths, max_batch_tokens=16384, max_batch_pairs=256, batch_tokens=padded_tokens(graphs)
+            lengths, max_batch_tokens=16384, max_batch_pairs=256, batch_tokens=graphs.batch_tokens
         ):
             longest = max(lengths[p] for p in batch)
             shape = graphs.shape_for(len(batch), longest)
@@ -56,7 +46,7 @@ def test_every_batch_the_batcher_forms_runs_in_a_captured_shape() -> None:
         [248 + n % 19 for n in range(64)],
         max_batch_tokens=16384,
         max_batch_pairs=256,
-        batch_tokens=padded_tokens(graphs),
+        batch_tokens=graphs.batch_tokens,
     )
     # 64 pairs of 248-266 tokens: 56 fill the 56 x 272 bucket (15,232 padded tokens); 64 x 272 is past 16,384.
     assert [len(batch) for batch in full] == [56, 8]

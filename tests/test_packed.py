@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import itertools
 import random
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -142,6 +141,6 @@ def test_packable_only_on_cuda_for_bert_layouts(backends: dict[str, TorchBackend
     assert backends["bge-reranker-base"].describe()["packed_batches"] == "false"
 
 
-def test_a_backend_on_the_cpu_plans_padded_batches(tmp_path: Path, backends: dict[str, TorchBackend]) -> None:
+def test_a_backend_on_the_cpu_plans_padded_batches(backends: dict[str, TorchBackend]) -> None:
     backend = backends["ms-marco-MiniLM-L-6-v2"]
     assert backend.batch_tokens(10, 100, 600) == 1000  # padded to its longest pair: 10 x 100

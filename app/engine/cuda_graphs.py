@@ -11,7 +11,7 @@ timings, from /metrics), against 8.4 ms for the engine alone; on an H100, with e
 215 pairs/s against 5,494 with the graphs (``python -m bench.gpu``'s eager variant). A replay does not depend on
 the launching thread keeping ahead of the GPU. So every (rows, columns) bucket whose padded size is within the
 token budget (``max_batch_tokens``, at most ``GRAPH_MAX_TOKENS``) is captured, and the batcher plans batches by
-the bucket they run in (``batch_shape``): a batch it forms within the budget always has a graph. Only pairs longer
+the bucket they run in (``batch_tokens``): a batch it forms within the budget always has a graph. Only pairs longer
 than ``MAX_GRAPH_LENGTH``, and batches past ``GRAPH_MAX_TOKENS`` when the budget is larger, run eagerly (padded
 to their own longest pair).
 
@@ -127,11 +127,12 @@ class CudaGraphs:
         columns = self._column_bucket[bucket_rows]
         return (bucket_rows, columns[longest]) if longest < len(columns) else None
 
-    def batch_shape(self, rows: int, longest: int) -> tuple[int, int]:
-        """What the batcher counts a batch as: its bucket, captured or not (so it never forms a batch whose bucket
-        is past the budget, which would run eagerly, where a smaller one has a graph); past the buckets, its own
-        size (it runs eagerly at that size)."""
-        return self.bucket(rows, longest) or (rows, longest)
+    def batch_tokens(self, rows: int, longest: int, total: int) -> int:
+        """What the batcher counts a batch as: its bucket's padded tokens, captured or not (so it never forms a
+        batch whose bucket is past the budget, which would run eagerly, where a smaller one has a graph); past the
+        buckets, its own padded size (it runs eagerly at that size)."""
+        bucket_rows, columns = self.bucket(rows, longest) or (rows, longest)
+        return bucket_rows * columns
 
     def shape_for(self, rows: int, longest: int) -> tuple[int, int] | None:
         """The captured shape a batch runs in: its bucket, or None (eager) when that was not captured."""

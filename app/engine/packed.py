@@ -77,8 +77,9 @@ def packable(model: Any, device: torch.device, dtype: torch.dtype, weights: torc
     config = model.config
     if device.type != "cuda":
         return "packed batches need CUDA (FlashAttention's varlen kernel)"
-    if dtype != weights or dtype not in (torch.float16, torch.bfloat16):
-        return f"packed batches run in float16 or bfloat16 weights, not {weights} under {dtype} autocast"
+    if dtype != torch.float16 or weights != torch.float16:
+        # bfloat16 keeps float32 weights under autocast (torch_backend.weights_dtype): it runs padded.
+        return f"packed batches run in float16, not {str(weights).removeprefix('torch.')} weights"
     if getattr(config, "model_type", None) not in PACKABLE_MODEL_TYPES:
         return f"model type {getattr(config, 'model_type', None)!r} is not a BERT-layout encoder"
     if getattr(config, "position_embedding_type", "absolute") not in (None, "absolute"):

@@ -302,10 +302,8 @@ class TorchBackend:
         return model
 
     def batch_tokens(self, pairs: int, longest: int, total: int) -> int:
-        if self.packed_graphs is not None:
-            return self.packed_graphs.batch_tokens(pairs, longest, total)
-        rows, columns = self.graphs.batch_shape(pairs, longest) if self.graphs is not None else (pairs, longest)
-        return rows * columns
+        graphs = self.packed_graphs if self.packed_graphs is not None else self.graphs
+        return graphs.batch_tokens(pairs, longest, total) if graphs is not None else pairs * longest
 
     def forward(self, pairs: Sequence[EncodedPair]) -> list[float]:
         # The batcher hands pairs sorted by length, so each slice pads only to its own longest pair.
