@@ -12,15 +12,19 @@ from typing import Any
 
 from prometheus_client import multiprocess
 
-from app.config import load_settings
-from app.engine.supervisor import EngineSupervisor, start_engines
+from app.config import http_workers, load_settings
+from app.engine.supervisor import EngineSupervisor, plan_engines, start_engines
 
 _settings = load_settings()
+# Decided once, here in the master: where the model runs decides how many workers an unset WEB_CONCURRENCY
+# means, and the workers and engines it starts read the resolved number from the environment they inherit.
+_engine_specs = plan_engines(_settings)
 _engines: EngineSupervisor | None = None
 ENGINE_MODE_WORKER_NICENESS = 5
 
 bind = [f"{_settings.host}:{_settings.port}"]
-workers = _settings.workers
+workers = http_workers(_settings, engines=bool(_engine_specs))
+os.environ["WEB_CONCURRENCY"] = str(workers)
 worker_class = "uvicorn_worker.UvicornWorker"
 preload_app = False
 # A worker is silent while it loads and warms its model: the timeout must cover that.
@@ -60,7 +64,10 @@ def child_exit(server: Any, worker: Any) -> None:
 
 def on_starting(server: Any) -> None:  # gunicorn hook: in the master, before the workers fork
     global _engines
-    _engines = start_engines(_settings)
+    if _settings.workers is None:
+        where = f"feeding {len(_engine_specs)} engine process(es)" if _engine_specs else "each with its own model"
+        server.log.info("%d HTTP workers %s (WEB_CONCURRENCY unset)", workers, where)
+    _engines = start_engines(_settings, _engine_specs)
 
 
 def on_exit(server: Any) -> None:  # gunicorn hook: in the master, after the workers have stopped (drained)

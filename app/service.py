@@ -75,7 +75,7 @@ def encode_threads(settings: Settings, *, with_engines: bool) -> int:
     one core) tokenising is what a worker spends its CPU on: one thread per core it may use."""
     if not with_engines:
         return 2
-    return max(2, len(os.sched_getaffinity(0)) // settings.workers)
+    return max(2, len(os.sched_getaffinity(0)) // settings.worker_processes)
 
 
 @dataclass(frozen=True, slots=True)

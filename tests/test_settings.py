@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-from app.config import DType, LongDocuments, Settings, SettingsError, load_settings, model_dir_problem
+from app.config import (
+    DType,
+    LongDocuments,
+    Settings,
+    SettingsError,
+    http_workers,
+    load_settings,
+    model_dir_problem,
+)
 from tests.utils import fake_model_dir
 
 
@@ -19,9 +28,24 @@ def test_defaults(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RERANKER_MODEL_PATH", str(model_dir))
     settings = load_settings()
     assert settings.model_name == "bge-reranker-base-local"
-    assert (settings.host, settings.port, settings.max_length, settings.workers) == ("0.0.0.0", 9300, 512, 1)
+    assert (settings.host, settings.port, settings.max_length, settings.workers) == ("0.0.0.0", 9300, 512, None)
     assert settings.api_key is None and settings.dtype is DType.auto
     assert settings.long_documents is LongDocuments.truncate
+
+
+@pytest.mark.parametrize(
+    ("cpus", "engines", "expected"),
+    [(2, False, 1), (64, False, 1), (2, True, 2), (16, True, 4), (24, True, 6), (64, True, 8)],
+)
+def test_unset_web_concurrency_means_one_worker_inline_and_one_per_four_cpus_beside_engines(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch, cpus: int, engines: bool, expected: int
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    assert http_workers(Settings(model_path=model_dir), engines=engines) == expected
+    # WEB_CONCURRENCY, when set, is what runs, wherever the model is.
+    assert http_workers(Settings(model_path=model_dir, workers=3), engines=engines) == 3
+    assert Settings(model_path=model_dir).worker_processes == 1  # outside a server: one process
+    assert Settings(model_path=model_dir, workers=3).worker_processes == 3
 
 
 def test_environment_names(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

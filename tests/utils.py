@@ -8,6 +8,7 @@ keeps its ``RemoteOpenAIServer`` in ``tests/utils.py`` the same way.)
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -59,16 +60,17 @@ class ServerProcess:
 
 
 def start_server(
-    model_dir: Path, tmp_path: Path, *, workers: int = 2, ready_timeout: float = 120, **settings: str
+    model_dir: Path, tmp_path: Path, *, workers: int | None = 2, ready_timeout: float = 120, **settings: str
 ) -> ServerProcess:
-    """Start ``python -m app`` exactly as the container does and wait for /ready."""
+    """Start ``python -m app`` exactly as the container does and wait for /ready (``workers=None``: leave
+    ``WEB_CONCURRENCY`` unset, and wait for every worker the server chose to start)."""
     port = free_port()
     env = {
-        **os.environ,
+        **{name: value for name, value in os.environ.items() if name not in ("WEB_CONCURRENCY", "RERANKER_WORKERS")},
         "RERANKER_MODEL_PATH": str(model_dir),
         "RERANKER_HOST": "127.0.0.1",
         "RERANKER_PORT": str(port),
-        "WEB_CONCURRENCY": str(workers),
+        **({"WEB_CONCURRENCY": str(workers)} if workers is not None else {}),
         "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics"),
         "RERANKER_TORCH_THREADS": "1",
         **settings,
@@ -85,9 +87,24 @@ def start_server(
             return False
         # every worker must be ready, not just the one that answered
         metrics = httpx.get(f"{server.base_url}/metrics", timeout=2).text
-        return f"reranker_ready_workers {float(workers)}" in metrics
+        expected = workers if workers is not None else chosen_workers(server.log())
+        return expected is not None and gauge(metrics, "reranker_ready_workers") == expected
 
     return wait_until_ready(server, every_worker_ready, timeout=ready_timeout, name="server")
+
+
+def chosen_workers(log: str) -> int | None:
+    """How many workers a server left to choose them said it starts (its master logs it once)."""
+    found = re.search(r"(\d+) HTTP workers .*\(WEB_CONCURRENCY unset\)", log)
+    return int(found.group(1)) if found else None
+
+
+def gauge(metrics: str, name: str) -> float | None:
+    """An unlabelled sample's value in a Prometheus text page (None when absent)."""
+    for line in metrics.splitlines():
+        if line.startswith(f"{name} "):
+            return float(line.split()[1])
+    return None
 
 
 def wait_until_ready(

@@ -160,7 +160,7 @@ async def serve(socket_path: Path) -> int:
         backend.forward,
         max_batch_tokens=settings.max_batch_tokens,
         max_batch_pairs=settings.max_batch_pairs,
-        max_queue_pairs=settings.max_queue_pairs * settings.workers,
+        max_queue_pairs=settings.max_queue_pairs * settings.worker_processes,
         batch_tokens=backend.batch_tokens,
     )
     batcher.start()

@@ -215,8 +215,8 @@ def mark_metrics_dead(pid: int) -> None:
         multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
 
-def start_engines(settings: Settings) -> EngineSupervisor | None:
-    specs = plan_engines(settings)
+def start_engines(settings: Settings, specs: list[EngineSpec]) -> EngineSupervisor | None:
+    """Start the planned engines (``plan_engines``); none planned: the model runs inline in every worker."""
     if not specs:
         os.environ.pop(ENGINE_SOCKETS_ENV, None)
         logger.info("the model runs inline in every worker (RERANKER_ENGINE=%s)", settings.engine.value)

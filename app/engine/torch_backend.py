@@ -168,7 +168,7 @@ class TorchBackend:
         # the scaling, mask and softmax, and the products go to oneDNN (7 % faster on 126-token pairs).
         self.attention = "eager" if self.compiled and self.device.type == "cpu" else "sdpa"
         if self.device.type == "cpu":
-            copies = model_copies or settings.workers
+            copies = model_copies or settings.worker_processes
             threads = settings.torch_threads or max(1, len(os.sched_getaffinity(0)) // copies)
             torch.set_num_threads(threads)
         # The tokenizer side first: it refuses a directory the service cannot serve before any weight is read.

@@ -32,7 +32,7 @@ def server_factory(tiny_model_dir: Path, tmp_path: Path) -> Iterator[Callable[..
     """Start real servers for one test (stopped, SIGKILL if need be, at its end)."""
     servers: list[ServerProcess] = []
 
-    def make(*, workers: int = 2, model_dir: Path | None = None, **settings: str) -> ServerProcess:
+    def make(*, workers: int | None = 2, model_dir: Path | None = None, **settings: str) -> ServerProcess:
         folder = tmp_path / f"server-{len(servers)}"
         folder.mkdir()
         server = start_server(model_dir or tiny_model_dir, folder, workers=workers, **{**BASE_SETTINGS, **settings})

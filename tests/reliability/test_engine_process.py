@@ -82,6 +82,26 @@ def test_engine_mode_scores_as_inline_does_with_one_model_copy(server_factory: C
     assert metric(metrics, "reranker_queue_depth") == 0
 
 
+def test_unset_web_concurrency_starts_workers_by_where_the_model_runs(
+    server_factory: Callable[..., ServerProcess],
+) -> None:
+    # Beside engine processes a worker only tokenises, and one cannot keep a GPU fed: one per 4 CPUs, 2 to 8.
+    expected = min(8, max(2, len(os.sched_getaffinity(0)) // 4))
+    bodies = make_bodies(4, seed=27)
+    inline = server_factory(workers=None, RERANKER_ENGINE="inline")
+    reference = reference_scores(inline.base_url, bodies)
+    assert len(inline.worker_pids()) == 1 and metric(scrape(inline.base_url), "reranker_ready_workers") == 1
+    assert "1 HTTP workers each with its own model (WEB_CONCURRENCY unset)" in inline.log()
+
+    server = server_factory(workers=None, **ENGINE)
+    assert len(engine_pids(server)) == 1 and len(http_worker_pids(server)) == expected, server.worker_pids()
+    assert f"{expected} HTTP workers feeding 1 engine process(es)" in server.log()
+    metrics = scrape(server.base_url)
+    assert metric(metrics, "reranker_ready_workers") == expected and metric(metrics, "reranker_engines") == 1
+    result = LoadGenerator(server.base_url, bodies, reference, clients=2 * expected).run_for(2)
+    assert result.statuses() == Counter({200: len(result.outcomes)}) and not result.wrong()
+
+
 def test_a_killed_engine_fails_readiness_and_is_replaced(server_factory: Callable[..., ServerProcess]) -> None:
     server = server_factory(workers=2, **ENGINE)
     bodies = make_bodies(4, seed=22)
