@@ -8,18 +8,20 @@
    ``PYTHONPATH``, so every server it starts sees them too. Nothing is fetched.
 2. The engine alone, in-process (``bench/engine_alone.py``): ``TorchBackend.forward`` on 64 and 256 pairs of
    256 tokens, unpadded and padded (lengths 248-264), and the matmul peak; as it serves (packed batches on a
-   GPU that allows them) and, after the tests, on padded batches (``RERANKER_PACKED_BATCHES=false``).
-3. The service (``bench/run.py``: ``python -m app``, the engine-process design on a GPU) with 1 HTTP worker
-   beside the seed baseline (``bench/baseline_server.py``); the ``target`` setting and ``gpu64`` (64 documents
-   of ~256 tokens), at 1/4/16/64 clients.
+   GPU that allows them) and, after the variants, on padded batches (``RERANKER_PACKED_BATCHES=false``).
+3. The service (``bench/run.py``: ``python -m app``, the engine-process design on a GPU) with its default
+   HTTP workers (``WEB_CONCURRENCY`` unset) beside the seed baseline (``bench/baseline_server.py``); the
+   ``target`` setting and ``gpu64`` (64 documents of ~256 tokens), at 1/4/16/64 clients.
 4. The GPU test tier, ``pytest -m gpu``.
-5. Variants (``--variant``): the service again with other settings on ``gpu64`` at 1, 16 and 64 clients,
+5. The service with the other worker counts (``--workers``, default 1) on ``gpu64``, without the baseline; then
+   what this host's HTTP workers can feed an engine at all, with 1, 2, 4 and 8 workers (``bench/frontend.py``:
+   the simulated device with almost no device time, so no GPU is involved).
+6. Variants (``--variant``): the service again with other settings on ``gpu64`` at 1, 16 and 64 clients,
    beside the main run's cells; by default ``padded:RERANKER_PACKED_BATCHES=false`` (what packing buys the
    service) and ``budget32k:RERANKER_MAX_BATCH_TOKENS=32768`` (whether batches twice the default token budget,
    a 64-document request in one batch, are worth making the GPU's default). ``eager:RERANKER_CUDA_GRAPHS=false``
    measures what the CUDA graphs buy (on an H100: 215 pairs/s at 16 clients without them, 5,494 with). Then how
    fast one ``gpu64`` request is tokenised with 1-16 threads (``bench/tokenize_threads.py``).
-6. The service with the other worker counts (``--workers``, default 4), without the baseline.
 
 ``python -m bench.gpu --suite`` instead runs the test suite there, bar the Docker tier (``--suite MARKS`` for a
 part of it, e.g. ``'unit or integration'``), with the model where ``RERANKER_DEVICE=auto`` puts it: the GPU. It
@@ -118,7 +120,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--workloads", default="target,gpu64")
     parser.add_argument("--clients", default="1,4,16,64")
-    parser.add_argument("--workers", default="1,4", help="HTTP worker counts; the first also runs the baseline")
+    parser.add_argument(
+        "--workers",
+        default="auto,1",
+        help="HTTP worker counts (auto: WEB_CONCURRENCY unset, the server's default); the first also runs the "
+        "baseline and the variants, the others run gpu64 alone",
+    )
+    parser.add_argument(
+        "--frontend-workers",
+        default="1,2,4,8",
+        help="worker counts for bench.frontend (what the host's HTTP workers can feed an engine; 'none' skips it)",
+    )
     parser.add_argument("--duration", type=float, default=4.0, help="seconds per cell")
     parser.add_argument("--max-requests", type=int, default=300, help="requests per cell at most")
     parser.add_argument("--engine-pairs", default="64,256", help="batch sizes for the engine alone")
@@ -411,6 +423,17 @@ def summarise(record: dict[str, Any]) -> list[str]:
         tail = tests.get("log_tail", "").strip().splitlines()
         outcome = tests.get("skipped") or f"exit {tests.get('exit')}"
         lines.append(f"\npytest -m gpu: {outcome}" + (f"; {tail[-1]}" if tail else ""))
+    if frontend := record.get("frontend"):
+        lines.append(
+            f"\nwhat the HTTP workers can feed an engine ({frontend['workload']}, bench.frontend: the simulated "
+            f"device, almost free; {frontend['cores']} cores):"
+        )
+        for result in frontend["results"]:
+            cells = ", ".join(
+                f"{cell['clients']} clients {cell['pairs_per_s']} pairs/s on {cell['worker_cores']} cores"
+                for cell in result["cells"]
+            )
+            lines.append(f"  {result['workers']} worker(s): {cells}; {result['worker_rss_mib']} MiB a worker")
     if tokenize := record.get("tokenize"):
         figures = ", ".join(f"{label} {ms:.1f} ms" for label, ms in tokenize["ms"].items())
         lines.append(f"\ntokenising one gpu64 request ({tokenize['cores']} cores): {figures}")
@@ -428,7 +451,7 @@ def service_command(
     args: argparse.Namespace,
     name: str,
     *,
-    workers: int,
+    workers: str,
     baseline: bool,
     workloads: str | None = None,
     clients: str | None = None,
@@ -450,7 +473,7 @@ def service_command(
         "--max-requests",
         str(args.max_requests),
         "--workers",
-        str(workers),
+        workers,
         "--no-memory",
         "--cache-dir",
         str(args.cache_dir),
@@ -470,7 +493,10 @@ def keep_service_figures(steps: Steps, args: argparse.Namespace, name: str, key:
     """A service run's figures (``<out>/<name>.json``, if it wrote them) into the record, under ``key``."""
     result = args.out / f"{name}.json"
     if result.is_file():
-        steps.record["service"][key] = json.loads(result.read_text())
+        figures = json.loads(result.read_text())
+        if figures.get("service_workers"):  # what "auto" came to on this host
+            key = key.replace("auto", f"auto ({figures['service_workers']})")
+        steps.record["service"][key] = figures
 
 
 def run_suite(args: argparse.Namespace) -> int:
@@ -533,11 +559,14 @@ def main(argv: list[str] | None = None) -> int:
     # goals' figures), the GPU tests, the engine alone on padded batches, the variants, the tokenising figures,
     # then the other worker counts.
     steps.record["service"] = {}
-    worker_counts = [int(w) for w in args.workers.split(",")]
+    worker_counts = args.workers.split(",")
 
-    def service_run(workers: int, *, baseline: bool) -> None:
-        name = f"service-{workers}w"
-        steps.run(name, service_command(args, name, workers=workers, baseline=baseline), needs_s=90, timeout_s=330)
+    def service_run(workers: str, *, baseline: bool) -> None:
+        name = f"service-{workers}" + ("w" if workers.isdigit() else "")
+        command = service_command(
+            args, name, workers=workers, baseline=baseline, workloads=None if baseline else args.variant_workloads
+        )
+        steps.run(name, command, needs_s=90 if baseline else 60, timeout_s=330)
         keep_service_figures(steps, args, name, f"service, {workers} HTTP worker(s)")
 
     service_run(worker_counts[0], baseline=True)  # the baseline does not depend on our worker count
@@ -551,9 +580,20 @@ def main(argv: list[str] | None = None) -> int:
             timeout_s=args.test_timeout,
         )
 
-    steps.record["engine_alone_padded"] = engine_alone(
-        "engine-alone-padded", args.engine_pairs.split(",")[0], ["RERANKER_PACKED_BATCHES=false"]
-    )
+    # The other worker counts on gpu64 (by default one worker: what an unset WEB_CONCURRENCY replaced), then
+    # what this host's HTTP workers can feed an engine at all (no GPU: the simulated device, almost free).
+    for workers in worker_counts[1:]:
+        service_run(workers, baseline=False)
+    frontend_json = args.out / "frontend.json"
+    frontend = [python, "-m", "bench.frontend", "--workers", args.frontend_workers, "--clients", "16,64"]
+    frontend += ["--duration", "3", "--cache-dir", str(args.cache_dir), "--json", str(frontend_json)]
+    if args.frontend_workers != "none" and steps.run(
+        "frontend",
+        frontend,
+        needs_s=40,
+        timeout_s=240,
+    ):
+        steps.record["frontend"] = json.loads(frontend_json.read_text())
 
     for label, settings in args.variants.items():
         name = f"variant-{label}"
@@ -571,6 +611,10 @@ def main(argv: list[str] | None = None) -> int:
             steps, args, name, f"variant {label} ({', '.join(settings)}), {worker_counts[0]} HTTP worker(s)"
         )
 
+    steps.record["engine_alone_padded"] = engine_alone(
+        "engine-alone-padded", args.engine_pairs.split(",")[0], ["RERANKER_PACKED_BATCHES=false"]
+    )
+
     tokenize_json = args.out / "tokenize.json"
     if steps.run(
         "tokenize",
@@ -579,9 +623,6 @@ def main(argv: list[str] | None = None) -> int:
         timeout_s=120,
     ):
         steps.record["tokenize"] = json.loads(tokenize_json.read_text())
-
-    for workers in worker_counts[1:]:
-        service_run(workers, baseline=False)
 
     steps.record["total_seconds"] = round(time.monotonic() - steps.started, 1)
     summary = summarise(steps.record)

@@ -46,7 +46,7 @@ from bench.servers import (
 )
 from bench.workloads import WORKLOADS, PreparedWorkload, load_encoder, prepare
 from tests.model_factory import make_words
-from tests.utils import ServerProcess
+from tests.utils import ServerProcess, chosen_workers
 
 logger = logging.getLogger("bench")
 DEFAULT_CACHE = Path(tempfile.gettempdir()) / "reranker-bench"
@@ -93,7 +93,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="auto",
         help="auto = CUDA when torch sees a GPU, else the CPU (both servers)",
     )
-    parser.add_argument("--workers", type=int, default=1, help="service worker processes (WEB_CONCURRENCY)")
+    parser.add_argument(
+        "--workers",
+        type=worker_count,
+        default=1,
+        help="service worker processes (WEB_CONCURRENCY); auto leaves it unset, for the server's own choice",
+    )
     parser.add_argument(
         "--service-env",
         action="append",
@@ -123,6 +128,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.workloads, args.clients, args.duration, args.no_memory = "target", "1,4", 6.0, True
         args.distinct_requests = min(args.distinct_requests, 8)
     return args
+
+
+def worker_count(text: str) -> int | None:
+    """``--workers``: a number, or ``auto`` (None: WEB_CONCURRENCY unset, the server chooses)."""
+    return None if text == "auto" else int(text)
 
 
 def int_list(text: str) -> list[int]:
@@ -184,6 +194,7 @@ class Bench:
         self.args, self.device, self.model_dir, self.workdir = args, device, model_dir, workdir
         self.shape = ModelShape.from_model_dir(model_dir)
         self.servers: dict[str, ServerProcess] = {}
+        self.service_workers: int | None = None  # as the service ran: --workers, or what it chose
         self.peaks: dict[str, float] = {}
         self.dtypes = {"baseline": "float32"}  # each server's matmul dtype; the service's is read from its log
         self.cells: list[Cell] = []
@@ -212,6 +223,7 @@ class Bench:
             settings=env,
         )
         logger.info("service ready in %.0fs", time.perf_counter() - started)
+        self.service_workers = args.workers or chosen_workers(self.servers["service"].log())
         self.dtypes["service"] = service_dtype(self.servers["service"])
 
     def stop(self) -> None:
@@ -441,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": {"dir": str(model_dir), **asdict(shape)},
         "matmul_peak_flops": bench.peaks,
         "settings": {k: str(v) for k, v in vars(args).items()},
+        "service_workers": bench.service_workers,
         "cells": [as_json(c) for c in bench.cells],
         "accuracy": [as_json(a) for a in accuracy],
         "chunking": chunking,
