@@ -43,13 +43,14 @@ import json
 import os
 import re
 import shlex
-import site
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from tests.utils import venv_seeing_this_python  # stdlib and httpx only: safe before the wheels
 
 REPO = Path(__file__).resolve().parent.parent
 # Import name -> distribution: what a GPU host with torch, transformers, httpx and pytest may lack.
@@ -265,21 +266,9 @@ def install_and_rerun(args: argparse.Namespace, argv: list[str]) -> None:
             f"missing {missing} and no wheels in {args.wheels}: run 'python -m bench.gpu --prepare-wheels' on "
             "a machine with network and carry the folder along"
         )
-    # A virtual environment at --site: the wheels in its site-packages, then the host's own site directories (a
-    # .pth file), so its python sees both whatever environment a subprocess is given (tests replace PYTHONPATH).
-    python = args.site / "bin" / "python"
-    if not python.exists():
-        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(args.site)], check=True)
-    purelib = subprocess.run(
-        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
-    host = [*site.getsitepackages(), *([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])]
-    Path(purelib, "host-site-packages.pth").write_text(
-        "".join(f"import site; site.addsitedir({path!r})\n" for path in host if os.path.isdir(path))
-    )
+    # A virtual environment at --site: the wheels in its site-packages, then the host's own site directories, so
+    # its python sees both whatever environment a subprocess is given (tests replace PYTHONPATH).
+    python, purelib = venv_seeing_this_python(args.site, with_pip=False)
     print(f"installing {len(wheels)} wheels for {missing} into {purelib}", flush=True)
     subprocess.run(
         [
@@ -292,7 +281,7 @@ def install_and_rerun(args: argparse.Namespace, argv: list[str]) -> None:
             "--no-deps",
             "--upgrade",
             "--target",
-            purelib,
+            str(purelib),
             *wheels,
         ],
         check=True,

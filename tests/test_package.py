@@ -11,31 +11,20 @@ from __future__ import annotations
 
 import os
 import signal
-import site
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.utils import REPO_ROOT, free_port
+from tests.utils import REPO_ROOT, free_port, venv_seeing_this_python
 
 pytestmark = pytest.mark.server
 
 
 def test_pip_install_then_the_console_script_serves(tiny_model_dir: Path, tmp_path: Path) -> None:
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    python = venv / "bin" / "python"
-    purelib = subprocess.run(
-        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
-    (Path(purelib) / "test-dependencies.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    python, purelib = venv_seeing_this_python(tmp_path / "venv")  # test dependencies: this python's
     install = subprocess.run(
         [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", str(REPO_ROOT)],
         capture_output=True,
@@ -43,12 +32,12 @@ def test_pip_install_then_the_console_script_serves(tiny_model_dir: Path, tmp_pa
         cwd=tmp_path,
     )
     assert install.returncode == 0, install.stdout + install.stderr
-    script = venv / "bin" / "reranker"
+    script = python.parent / "reranker"
     assert script.is_file()
     where = subprocess.run(
         [str(python), "-c", "import app; print(app.__file__)"], cwd=tmp_path, capture_output=True, text=True, check=True
     ).stdout
-    assert where.startswith(purelib), where  # the installed copy, not the checkout
+    assert where.startswith(str(purelib)), where  # the installed copy, not the checkout
 
     port = free_port()
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}

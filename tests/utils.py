@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import site
 import socket
 import subprocess
 import sys
@@ -123,6 +124,25 @@ def wait_until_ready(
         time.sleep(0.3)
     server.stop(signal.SIGKILL)
     raise RuntimeError(f"{name} not ready after {timeout}s:\n{server.log()}")
+
+
+def venv_seeing_this_python(path: Path, *, with_pip: bool = True) -> tuple[Path, Path]:
+    """A virtual environment at ``path`` (kept if it exists) whose site-packages also add this interpreter's own
+    site directories, after its own (a ``.pth`` file): its python and its site-packages directory."""
+    python = path / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", *([] if with_pip else ["--without-pip"]), str(path)], check=True)
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    here = [*site.getsitepackages(), *([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])]
+    Path(purelib, "this-python-site-packages.pth").write_text(
+        "".join(f"import site; site.addsitedir({directory!r})\n" for directory in here if os.path.isdir(directory))
+    )
+    return python, Path(purelib)
 
 
 def fake_model_dir(path: Path) -> Path:
