@@ -88,7 +88,8 @@ def test_engine_processes_keep_the_simulated_device_busy_where_the_in_process_de
     for folder in ("inline", "engines"):
         (tmp_path / folder).mkdir()
     inline = start_server(tiny_model_dir, tmp_path / "inline", workers=1, RERANKER_ENGINE="inline", **SIMULATED)
-    engines = start_server(tiny_model_dir, tmp_path / "engines", workers=3, RERANKER_ENGINE="process", **SIMULATED)
+    # Engine processes with the workers an unset WEB_CONCURRENCY gives them (two on a 2-core machine).
+    engines = start_server(tiny_model_dir, tmp_path / "engines", workers=None, RERANKER_ENGINE="process", **SIMULATED)
     try:
         capacity_before = device_capacity(tiny_model_dir, bodies)
         figures: dict[str, list[tuple[float, float]]] = {"inline": [], "engines": []}
