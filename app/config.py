@@ -18,6 +18,8 @@ from typing import Annotated
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.cpus import usable_cpus
+
 
 class Device(str, Enum):
     auto = "auto"
@@ -78,7 +80,10 @@ class Settings(BaseSettings):
     )
     max_length: int = Field(512, ge=8, le=8192, description="Tokens per (query, document) pair, special ones included.")
     torch_threads: int = Field(
-        0, ge=0, description="Intra-op CPU threads per worker; 0 = the CPUs this process may use / workers."
+        0,
+        ge=0,
+        description="Intra-op CPU threads per worker; 0 = the CPUs this process may use (its CPU quota counted) "
+        "/ workers.",
     )
     torch_compile: Compile = Field(
         Compile.auto,
@@ -143,7 +148,8 @@ class Settings(BaseSettings):
         description=(
             "HTTP worker processes (WEB_CONCURRENCY). Inline, each loads its own copy of the model; with engine "
             "processes, workers hold only the tokenizer and do the tokenising. Unset: 1 inline; with engine "
-            "processes one per 4 CPUs, 2 to 8 (one worker's event loop cannot tokenise for a whole GPU)."
+            "processes one per 4 CPUs (a container's CPU quota counted), 2 to 8 (one worker's event loop cannot "
+            "tokenise for a whole GPU)."
         ),
     )
     api_key: SecretStr | None = Field(
@@ -324,7 +330,7 @@ def http_workers(settings: Settings, *, engines: bool) -> int:
     if not engines:
         return 1
     low, high = AUTO_WORKERS_RANGE
-    return min(high, max(low, len(os.sched_getaffinity(0)) // AUTO_WORKERS_CPUS_EACH))
+    return min(high, max(low, usable_cpus() // AUTO_WORKERS_CPUS_EACH))
 
 
 def load_settings() -> Settings:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +23,7 @@ from pathlib import Path
 from app import metrics
 from app.batcher import DynamicBatcher
 from app.config import LongDocuments, Settings
+from app.cpus import usable_cpus
 from app.engine.base import TRUNCATE, Backend, EncodedRequest, PairEncoder, WindowPolicy
 from app.engine.client import EngineClient
 from app.engine.wire import PackedPairs, join_packed, pack_pairs
@@ -78,7 +78,7 @@ def encode_threads(*, with_engines: bool) -> int:
     only the threads its worker has free."""
     if not with_engines:
         return 2
-    return max(2, len(os.sched_getaffinity(0)))
+    return max(2, usable_cpus())
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,7 @@ from typing import Any, cast
 
 import pytest
 
+import app.cpus
 from app.config import Settings
 from app.engine.base import TRUNCATE, EncodedPair, PairEncoder, WindowPolicy
 from app.engine.client import EngineClient, EngineStartError
@@ -133,6 +134,7 @@ class TestEncodeParts:
         # Not the cores divided by the workers: an idle worker's one request would then wait on 4 threads of a
         # 16-core host (13.5 ms on an H100 host) where 16 tokenise it in 6.7 ms. Inline, the cores are the model's.
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+        monkeypatch.setattr(app.cpus, "cgroup_cpu_limit", lambda: None)
         monkeypatch.setenv("WEB_CONCURRENCY", "4")
         assert encode_threads(with_engines=True) == 16
         assert encode_threads(with_engines=False) == 2

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import app.cpus
 from app.config import (
     DType,
     LongDocuments,
@@ -41,11 +42,15 @@ def test_unset_web_concurrency_means_one_worker_inline_and_one_per_four_cpus_bes
     model_dir: Path, monkeypatch: pytest.MonkeyPatch, cpus: int, engines: bool, expected: int
 ) -> None:
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    monkeypatch.setattr(app.cpus, "cgroup_cpu_limit", lambda: None)
     assert http_workers(Settings(model_path=model_dir), engines=engines) == expected
     # WEB_CONCURRENCY, when set, is what runs, wherever the model is.
     assert http_workers(Settings(model_path=model_dir, workers=3), engines=engines) == 3
     assert Settings(model_path=model_dir).worker_processes == 1  # outside a server: one process
     assert Settings(model_path=model_dir, workers=3).worker_processes == 3
+    # A container's CPU quota counts, not the host's cores it may be scheduled on (docker run --cpus 6).
+    monkeypatch.setattr(app.cpus, "cgroup_cpu_limit", lambda: 6.0)
+    assert http_workers(Settings(model_path=model_dir), engines=True) == min(8, max(2, min(cpus, 6) // 4))
 
 
 def test_environment_names(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from app.config import Compile, Device, DType, Settings, model_dir_problem
+from app.cpus import usable_cpus
 from app.engine.base import EncodedPair, write_padded
 from app.engine.cuda_graphs import CudaGraphs
 from app.engine.first_token import prune_last_layer, restore_last_layer
@@ -169,7 +170,7 @@ class TorchBackend:
         self.attention = "eager" if self.compiled and self.device.type == "cpu" else "sdpa"
         if self.device.type == "cpu":
             copies = model_copies or settings.worker_processes
-            threads = settings.torch_threads or max(1, len(os.sched_getaffinity(0)) // copies)
+            threads = settings.torch_threads or max(1, usable_cpus() // copies)
             torch.set_num_threads(threads)
         # The tokenizer side first: it refuses a directory the service cannot serve before any weight is read.
         self.encoder, self.info, hf_tokenizer = open_model_dir(

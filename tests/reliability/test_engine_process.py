@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app.cpus import usable_cpus
 from tests.reliability.harness import (
     LoadGenerator,
     leave_during_backlog,
@@ -86,7 +87,7 @@ def test_unset_web_concurrency_starts_workers_by_where_the_model_runs(
     server_factory: Callable[..., ServerProcess],
 ) -> None:
     # Beside engine processes a worker only tokenises, and one cannot keep a GPU fed: one per 4 CPUs, 2 to 8.
-    expected = min(8, max(2, len(os.sched_getaffinity(0)) // 4))
+    expected = min(8, max(2, usable_cpus() // 4))
     bodies = make_bodies(4, seed=27)
     inline = server_factory(workers=None, RERANKER_ENGINE="inline")
     reference = reference_scores(inline.base_url, bodies)
