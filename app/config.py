@@ -148,8 +148,8 @@ class Settings(BaseSettings):
         description=(
             "HTTP worker processes (WEB_CONCURRENCY). Inline, each loads its own copy of the model; with engine "
             "processes, workers hold only the tokenizer and do the tokenising. Unset: 1 inline; with engine "
-            "processes one per 4 CPUs (a container's CPU quota counted), 2 to 8 (one worker's event loop cannot "
-            "tokenise for a whole GPU)."
+            "processes one per 4 CPUs (a container's CPU quota counted), 2 to 8 (one worker cannot keep a GPU "
+            "fed)."
         ),
     )
     api_key: SecretStr | None = Field(
@@ -322,8 +322,9 @@ def http_workers(settings: Settings, *, engines: bool) -> int:
     """How many HTTP workers the master forks: ``WEB_CONCURRENCY`` when set, else by where the model runs.
 
     Inline, each worker holds a model copy: one. With engine processes a worker parses, tokenises and packs, and
-    one process's event loop and GIL run out before a GPU does (on an H100 one worker tokenised ~93 ``gpu64``
-    requests/s while the GPU idled 12 % of the time; ``python -m bench.frontend`` measures a host's workers).
+    one worker runs out before a GPU does (on an H100 one worker tokenised ~93 ``gpu64`` requests/s while the GPU
+    idled 12 % of the time; ``python -m bench.frontend`` measures a host's workers, and with ``--profile`` how much
+    of the time one worker's GIL is held).
     """
     if settings.workers is not None:
         return settings.workers

@@ -18,9 +18,12 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 from bench.driver import drive_raw
@@ -38,8 +41,45 @@ NEAR_FREE_DEVICE = {
 }
 
 
+PROFILE_RATE = 100  # samples a second
+
+
+def py_spy() -> str | None:
+    """The py-spy binary: on PATH, or where ``pip install --target`` put a wheel's scripts (``<target>/bin``)."""
+    found = shutil.which("py-spy")
+    if found:
+        return found
+    for entry in sys.path:
+        candidate = Path(entry) / "bin" / "py-spy"
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    return None
+
+
+def gil_profile(raw: Path, duration_s: float, top: int = 12) -> dict[str, object]:
+    """From ``py-spy record --gil -f raw``: the share of the time some thread of the worker held the GIL, and
+    where (innermost Python frame) it was held most."""
+    places: Counter[str] = Counter()
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if stack and count.isdigit():
+            places[stack.split(";")[-1]] += int(count)
+    samples = sum(places.values())
+    return {
+        "gil_held_share": round(samples / (PROFILE_RATE * duration_s), 3),
+        "top": [[place, round(count / samples, 3)] for place, count in places.most_common(top)] if samples else [],
+    }
+
+
 def measure_workers(
-    model_dir: Path, workdir: Path, *, workers: int, clients: list[int], workload: str, duration_s: float
+    model_dir: Path,
+    workdir: Path,
+    *,
+    workers: int,
+    clients: list[int],
+    workload: str,
+    duration_s: float,
+    profile: bool = False,
 ) -> dict[str, object]:
     bodies = [json.dumps(body).encode() for body in WORKLOADS[workload].bodies(32)]
     documents = WORKLOADS[workload].documents
@@ -52,12 +92,25 @@ def measure_workers(
         # Every worker's first requests (connections, first shapes) out of the figures.
         asyncio.run(drive_raw(url, bodies, clients=2 * workers, duration_s=1, max_requests=200, timeout_s=120))
         cells = []
-        for count in clients:
+        spy = py_spy() if profile else None
+        raw, gil = workdir / "gil.txt", None
+        for position, count in enumerate(clients):
             before = cpu_seconds(worker_pids)
+            recorder = None
+            if spy and position == len(clients) // 2:  # one worker, in a middle cell: who holds its GIL
+                record = [spy, "record", "--gil", "--nonblocking", "-r", str(PROFILE_RATE), "-f", "raw"]
+                record += ["-d", str(int(duration_s)), "-o", str(raw), "-p", str(worker_pids[0])]
+                recorder = subprocess.Popen(
+                    record,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
             samples, wall = asyncio.run(
                 drive_raw(url, bodies, clients=count, duration_s=duration_s, max_requests=100_000, timeout_s=120)
             )
             used = cpu_seconds(worker_pids) - before
+            if recorder is not None and recorder.wait(timeout=60) == 0 and raw.is_file():
+                gil = {"clients": count, **gil_profile(raw, int(duration_s))}
             failed = sum(sample.status != 200 for sample in samples)
             latencies = sorted(sample.latency for sample in samples)
             cells.append(
@@ -72,7 +125,11 @@ def measure_workers(
                 }
             )
         rss = [rss_bytes(pid) for pid in worker_pids]
-        return {"workers": workers, "cells": cells, "worker_rss_mib": round(statistics.mean(rss) / 2**20)}
+        result: dict[str, object] = {"workers": workers, "cells": cells}
+        result["worker_rss_mib"] = round(statistics.mean(rss) / 2**20)
+        if gil is not None:
+            result["gil"] = gil
+        return result
     finally:
         server.stop()
 
@@ -85,7 +142,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per cell")
     parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/reranker-bench"))
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="with py-spy (on PATH or installed from a wheel): how much of the time one worker's GIL is held, and "
+        "where, in the middle client count",
+    )
     args = parser.parse_args(argv)
+    if args.profile and py_spy() is None:
+        print("--profile: no py-spy here (pip install py-spy); measuring without it", flush=True)
     model_dir = ensure_model(args.cache_dir)
     clients = [int(count) for count in args.clients.split(",")]
     cores = len(os.sched_getaffinity(0))
@@ -95,7 +160,13 @@ def main(argv: list[str] | None = None) -> int:
             workdir = Path(tmp) / f"w{workers}"
             workdir.mkdir()
             result = measure_workers(
-                model_dir, workdir, workers=workers, clients=clients, workload=args.workload, duration_s=args.duration
+                model_dir,
+                workdir,
+                workers=workers,
+                clients=clients,
+                workload=args.workload,
+                duration_s=args.duration,
+                profile=args.profile,
             )
             results.append(result)
             for cell in result["cells"]:  # type: ignore[attr-defined]
@@ -104,6 +175,13 @@ def main(argv: list[str] | None = None) -> int:
                     f"({cell['requests_per_s']} requests/s, p50 {cell['p50_ms']} ms), workers' CPU "
                     f"{cell['worker_cpu_ms_per_request']} ms a request ({cell['worker_cores']} cores), "
                     f"{cell['failed']} failed; {result['worker_rss_mib']} MiB a worker",
+                    flush=True,
+                )
+            if gil := result.get("gil"):
+                places = "; ".join(f"{place} {share:.0%}" for place, share in gil["top"][:6])  # type: ignore[index]
+                print(
+                    f"  one worker's GIL held {gil['gil_held_share']:.0%} of the time at {gil['clients']} clients "  # type: ignore[index]
+                    f"(py-spy): {places}",
                     flush=True,
                 )
     print(f"({cores} cores; the simulated device with almost no device time: the workers are the limit)")

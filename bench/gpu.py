@@ -103,6 +103,9 @@ SUITE_NEEDED = {
     "cffi": "cffi",
     "pycparser": "pycparser",
 }
+# Tools, not modules, pinned here (not this environment's dependencies): py-spy profiles the HTTP workers' GIL in
+# the front-end step (bench/frontend.py --profile).
+TOOLS = {"py-spy": "py-spy==0.4.3"}
 INSTALLED_MARK = "RERANKER_BENCH_GPU_INSTALLED"
 
 
@@ -200,8 +203,8 @@ def prepare_wheels(args: argparse.Namespace) -> int:
     from importlib.metadata import version
 
     args.wheels.mkdir(parents=True, exist_ok=True)
-    for distribution in {**NEEDED, **SUITE_NEEDED}.values():
-        pinned = f"{distribution}=={version(distribution)}"
+    pins = [f"{distribution}=={version(distribution)}" for distribution in {**NEEDED, **SUITE_NEEDED}.values()]
+    for pinned in [*pins, *TOOLS.values()]:
         command = [
             sys.executable,
             "-m",
@@ -258,7 +261,7 @@ def install_and_rerun(args: argparse.Namespace, argv: list[str]) -> None:
         return
     if os.environ.get(INSTALLED_MARK):
         sys.exit(f"still missing after installing the wheels: {missing}; prepare them with --prepare-wheels")
-    wanted = {normalised(distribution) for distribution in NEEDED.values()}
+    wanted = {normalised(distribution) for distribution in [*NEEDED.values(), *TOOLS]}
     wanted |= {normalised(SUITE_NEEDED[name]) for name in missing if name in SUITE_NEEDED}
     wheels = sorted(path for path in glob.glob(str(args.wheels / "*.whl")) if wheel_distribution(path) in wanted)
     if not wheels:
@@ -444,6 +447,11 @@ def summarise(record: dict[str, Any]) -> list[str]:
                 for cell in result["cells"]
             )
             lines.append(f"  {result['workers']} worker(s): {cells}; {result['worker_rss_mib']} MiB a worker")
+            if gil := result.get("gil"):
+                places = "; ".join(f"{place} {share:.0%}" for place, share in gil["top"][:5])
+                lines.append(
+                    f"    one worker's GIL held {gil['gil_held_share']:.0%} at {gil['clients']} clients: {places}"
+                )
     if tokenize := record.get("tokenize"):
         figures = ", ".join(f"{label} {ms:.1f} ms" for label, ms in tokenize["ms"].items())
         lines.append(f"\ntokenising one gpu64 request ({tokenize['cores']} cores): {figures}")
@@ -597,7 +605,7 @@ def main(argv: list[str] | None = None) -> int:
     for workers in worker_counts[1:]:
         service_run(workers, baseline=False)
     frontend_json = args.out / "frontend.json"
-    frontend = [python, "-m", "bench.frontend", "--workers", args.frontend_workers, "--clients", "16,64"]
+    frontend = [python, "-m", "bench.frontend", "--workers", args.frontend_workers, "--clients", "16,64", "--profile"]
     frontend += ["--duration", "3", "--cache-dir", str(args.cache_dir), "--json", str(frontend_json)]
     if args.frontend_workers != "none" and steps.run(
         "frontend",
