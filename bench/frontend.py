@@ -45,12 +45,13 @@ PROFILE_RATE = 100  # samples a second
 
 
 def py_spy() -> str | None:
-    """The py-spy binary: on PATH, or where ``pip install --target`` put a wheel's scripts (``<target>/bin``)."""
+    """The py-spy binary: on PATH, beside this python (a virtual environment's bin), or where ``pip install
+    --target`` put a wheel's scripts (``<target>/bin``)."""
     found = shutil.which("py-spy")
     if found:
         return found
-    for entry in sys.path:
-        candidate = Path(entry) / "bin" / "py-spy"
+    for folder in [Path(sys.executable).parent, *(Path(entry) / "bin" for entry in sys.path)]:
+        candidate = folder / "py-spy"
         if candidate.is_file() and os.access(candidate, os.X_OK):
             return str(candidate)
     return None
