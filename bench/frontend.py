@@ -9,7 +9,8 @@ the figures are the workers' alone: pairs/s and requests/s at each worker and cl
 per request, each worker's resident memory (with engine processes a worker holds a tokenizer, not the model),
 and the host's cores. On a GPU host it says how many workers its GPU needs: bge-reranker-base's engine alone
 does ~7,300 ``gpu64`` pairs/s on an H100 (``bench/engine_alone.py``), which one front end must deliver for the
-service to reach the engine's rate.
+service to reach the engine's rate. ``--profile`` (with py-spy) adds, for one worker in the middle client count,
+how much of the time its GIL was held and where: near 100 % says the worker is bound by its GIL, not its cores.
 """
 
 from __future__ import annotations
