@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from app import metrics
-from app.engine.base import EncodedPair
+from app.engine.base import EncodedPair, padded_tokens
 from app.errors import EngineFailure, NotReadyError, OverloadedError, PayloadTooLargeError
 
 logger = logging.getLogger(__name__)
@@ -53,13 +53,13 @@ def plan_batches(
     *,
     max_batch_tokens: int,
     max_batch_pairs: int,
-    batch_tokens: Callable[[int, int, int], int] | None = None,
+    batch_tokens: Callable[[int, int, int], int] = padded_tokens,
 ) -> list[list[int]]:
     """Group positions into batches, shortest pairs first, each within the token and pair budgets.
 
     ``batch_tokens(pairs, longest, total)`` is what the backend really runs such a batch as, in tokens: a padded
     CUDA graph's bucket (rows x columns), or a packed batch's token bucket (``total``, the pairs' own tokens,
-    rounded up); a batch is as large as that allows. Without it, the batch padded to its longest pair."""
+    rounded up); a batch is as large as that allows. By default, the batch padded to its longest pair."""
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     batches: list[list[int]] = []
     current: list[int] = []
@@ -67,8 +67,7 @@ def plan_batches(
     for position in order:
         # Sorted ascending, so this pair is the longest of the batch: it sets the padded width.
         if current:
-            pairs, longest = len(current) + 1, lengths[position]
-            cost = pairs * longest if batch_tokens is None else batch_tokens(pairs, longest, total + longest)
+            cost = batch_tokens(len(current) + 1, lengths[position], total + lengths[position])
             if len(current) >= max_batch_pairs or cost > max_batch_tokens:
                 batches.append(current)
                 current, total = [], 0
@@ -100,7 +99,7 @@ class DynamicBatcher:
         max_batch_tokens: int,
         max_batch_pairs: int,
         max_queue_pairs: int,
-        batch_tokens: Callable[[int, int, int], int] | None = None,
+        batch_tokens: Callable[[int, int, int], int] = padded_tokens,
     ) -> None:
         self._forward = forward
         self._batch_tokens = batch_tokens  # the backend's: see plan_batches
@@ -271,8 +270,7 @@ class DynamicBatcher:
         metrics.INFERENCE_SECONDS.observe(batch.seconds)
         metrics.BATCH_SIZE.observe(len(live))
         total = sum(len(item.pair) for item in live)
-        run_as = len(live) * width if self._batch_tokens is None else self._batch_tokens(len(live), width, total)
-        metrics.BATCH_TOKENS.observe(run_as)
+        metrics.BATCH_TOKENS.observe(self._batch_tokens(len(live), width, total))
         metrics.PAIRS_SCORED.inc(len(live))
         metrics.TOKENS_SCORED.inc(total)
         for item, score in zip(live, scores, strict=True):

@@ -88,6 +88,12 @@ class PairTemplate:
         return EncodedPair(ids, types)
 
 
+def padded_tokens(pairs: int, longest: int, total: int) -> int:
+    """A batch's cost as a padded batch at its own size: every pair padded to the longest (``Backend.batch_tokens``
+    of a backend without fixed shapes or packing)."""
+    return pairs * longest
+
+
 def write_padded(
     pairs: Sequence[EncodedPair], input_ids: Any, attention: Any, types: Any | None, *, pad_id: int
 ) -> None:

@@ -12,7 +12,7 @@ import time
 import zlib
 from collections.abc import Sequence
 
-from app.engine.base import EncodedPair, PairEncoder, PairTemplate
+from app.engine.base import EncodedPair, PairEncoder, PairTemplate, padded_tokens
 
 FAKE_TEMPLATE = PairTemplate(prefix=(0,), middle=(2, 2), suffix=(2,))
 
@@ -37,7 +37,7 @@ class FakeBackend:
         self._lock = threading.Lock()
 
     def batch_tokens(self, pairs: int, longest: int, total: int) -> int:
-        return pairs * longest  # padded, at its own size
+        return padded_tokens(pairs, longest, total)  # no fixed shapes: a batch runs at its own size
 
     def forward(self, pairs: Sequence[EncodedPair]) -> list[float]:
         if self.fail_next_forward:

@@ -341,8 +341,8 @@ class PackedGraphs:
 
 
 def run_packed(packed: PackedModel, pairs: Sequence[EncodedPair], device: torch.device) -> torch.Tensor:
-    """One batch through ``packed`` without graphs, laid out exactly as a graph's bucket would be (the tests' way
-    to check the packing on any device, and the probe's reference on a GPU)."""
+    """One batch through ``packed`` without graphs, laid out exactly as a graph's bucket would be: the tests' way to
+    check the packing on any device (the load-time probe compares replays with the padded eager model instead)."""
     rows = len(pairs) + 1  # one spare row
     tokens = sum(len(pair) for pair in pairs) + 1 + 3  # and a trailing pad sequence
     layout = PackedLayout(rows, tokens)

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from app.config import Settings, model_dir_problem
-from app.engine.base import EncodedPair
+from app.engine.base import EncodedPair, padded_tokens
 from app.engine.model_dir import load_pair_encoder
 
 # libc through ctypes.PyDLL: its calls keep the GIL (ctypes.CDLL would release it).
@@ -54,7 +54,7 @@ class SimulatedDevice:
         return self.token_s * pairs * longest
 
     def batch_tokens(self, pairs: int, longest: int, total: int) -> int:
-        return pairs * longest  # padded, at its own size
+        return padded_tokens(pairs, longest, total)  # no fixed shapes: a batch runs at its own size
 
     def forward(self, pairs: Sequence[EncodedPair]) -> list[float]:
         started = time.perf_counter()

@@ -46,7 +46,7 @@ import torch
 
 from app.config import Compile, Device, DType, Settings, model_dir_problem
 from app.cpus import usable_cpus
-from app.engine.base import EncodedPair, write_padded
+from app.engine.base import EncodedPair, padded_tokens, write_padded
 from app.engine.cuda_graphs import CudaGraphs
 from app.engine.first_token import prune_last_layer, restore_last_layer
 from app.engine.model_dir import ModelLoadError, open_model_dir
@@ -302,9 +302,14 @@ class TorchBackend:
         self.attention = str(model.config._attn_implementation)
         return model
 
+    @property
+    def _serving_graphs(self) -> PackedGraphs | CudaGraphs | None:
+        """The graphs batches replay from: packed where captured, else padded, else none (eager)."""
+        return self.packed_graphs if self.packed_graphs is not None else self.graphs
+
     def batch_tokens(self, pairs: int, longest: int, total: int) -> int:
-        graphs = self.packed_graphs if self.packed_graphs is not None else self.graphs
-        return graphs.batch_tokens(pairs, longest, total) if graphs is not None else pairs * longest
+        graphs = self._serving_graphs
+        return (graphs.batch_tokens if graphs is not None else padded_tokens)(pairs, longest, total)
 
     def forward(self, pairs: Sequence[EncodedPair]) -> list[float]:
         # The batcher hands pairs sorted by length, so each slice pads only to its own longest pair.
@@ -478,7 +483,7 @@ class TorchBackend:
             raise RuntimeError("the model returned a non-finite score")
 
     def describe(self) -> dict[str, str]:
-        graphs = self.packed_graphs if self.packed_graphs is not None else self.graphs
+        graphs = self._serving_graphs
         return {
             **self.info.describe(),
             "device": str(self.device),
