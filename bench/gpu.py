@@ -337,6 +337,16 @@ class Steps:
         print(f"== {name}: exit {code} in {time.monotonic() - began:.0f}s", flush=True)
         return code == 0
 
+    def run_json(
+        self, name: str, command: list[str], *, needs_s: float, timeout_s: float, env: Sequence[str] = ()
+    ) -> Any:
+        """``run`` for a command that takes ``--json PATH``: its figures, written to ``<out>/<name>.json`` (None
+        when the step was skipped or failed)."""
+        result = self.args.out / f"{name}.json"
+        if self.run(name, [*command, "--json", str(result)], needs_s=needs_s, timeout_s=timeout_s, env=env):
+            return json.loads(result.read_text())
+        return None
+
 
 def batch_figures(cell: dict[str, Any]) -> str:
     """A service cell's average forward pass (pairs, tokens as run, ms: to set beside the engine alone's), the
@@ -564,20 +574,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     model_dir = args.cache_dir / "bge-reranker-base"
 
-    def engine_alone(name: str, pairs: str, env: Sequence[str] = ()) -> dict[str, Any] | None:
-        result = args.out / f"{name}.json"
+    def engine_alone(name: str, pairs: str, env: Sequence[str] = ()) -> Any:
         command = [python, "-m", "bench.engine_alone", "--model-dir", str(model_dir), "--device", args.device]
-        command += ["--pairs", pairs, "--tokens", str(args.engine_tokens), "--json", str(result)]
-        if steps.run(name, command, needs_s=40, timeout_s=180, env=env):
-            return json.loads(result.read_text())  # type: ignore[no-any-return]
-        return None
+        command += ["--pairs", pairs, "--tokens", str(args.engine_tokens)]
+        return steps.run_json(name, command, needs_s=40, timeout_s=180, env=env)
 
-    # The engine as it serves (packed batches where the model and GPU allow); with padded batches after the tests.
+    # The engine as it serves (packed batches where the model and GPU allow); with padded batches near the end.
     steps.record["engine_alone"] = engine_alone("engine-alone", args.engine_pairs)
 
     # In order of what a short budget may least afford to lose: the first worker count (with the baseline: the
-    # goals' figures), the GPU tests, the engine alone on padded batches, the variants, the tokenising figures,
-    # then the other worker counts.
+    # goals' figures), the GPU tests, the other worker counts, the front end alone, the variants, the engine alone
+    # on padded batches, then the tokenising figures.
     steps.record["service"] = {}
     worker_counts = args.workers.split(",")
 
@@ -604,16 +611,10 @@ def main(argv: list[str] | None = None) -> int:
     # what this host's HTTP workers can feed an engine at all (no GPU: the simulated device, almost free).
     for workers in worker_counts[1:]:
         service_run(workers, baseline=False)
-    frontend_json = args.out / "frontend.json"
-    frontend = [python, "-m", "bench.frontend", "--workers", args.frontend_workers, "--clients", "16,64", "--profile"]
-    frontend += ["--duration", "3", "--cache-dir", str(args.cache_dir), "--json", str(frontend_json)]
-    if args.frontend_workers != "none" and steps.run(
-        "frontend",
-        frontend,
-        needs_s=40,
-        timeout_s=240,
-    ):
-        steps.record["frontend"] = json.loads(frontend_json.read_text())
+    if args.frontend_workers != "none":
+        frontend = [python, "-m", "bench.frontend", "--workers", args.frontend_workers, "--clients", "16,64"]
+        frontend += ["--profile", "--duration", "3", "--cache-dir", str(args.cache_dir)]
+        steps.record["frontend"] = steps.run_json("frontend", frontend, needs_s=40, timeout_s=240)
 
     for label, settings in args.variants.items():
         name = f"variant-{label}"
@@ -635,14 +636,9 @@ def main(argv: list[str] | None = None) -> int:
         "engine-alone-padded", args.engine_pairs.split(",")[0], ["RERANKER_PACKED_BATCHES=false"]
     )
 
-    tokenize_json = args.out / "tokenize.json"
-    if steps.run(
-        "tokenize",
-        [python, "-m", "bench.tokenize_threads", "--model-dir", str(model_dir), "--json", str(tokenize_json)],
-        needs_s=30,
-        timeout_s=120,
-    ):
-        steps.record["tokenize"] = json.loads(tokenize_json.read_text())
+    steps.record["tokenize"] = steps.run_json(
+        "tokenize", [python, "-m", "bench.tokenize_threads", "--model-dir", str(model_dir)], needs_s=30, timeout_s=120
+    )
 
     steps.record["total_seconds"] = round(time.monotonic() - steps.started, 1)
     summary = summarise(steps.record)
