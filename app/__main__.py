@@ -23,9 +23,8 @@ import signal
 import sys
 import time
 import traceback
-from pathlib import Path
 
-from app.config import SettingsError, load_settings
+from app.config import Settings, SettingsError, load_settings
 
 # Inside the package, so an installed package (pip install ., the console script) finds it wherever it runs.
 GUNICORN_CONFIG = "python:app.gunicorn_conf"
@@ -36,15 +35,19 @@ class PreflightError(Exception):
     """The model cannot be served; ``str()`` is one line naming the path, the reason and the fix."""
 
 
-def preflight(model_path: Path, *, max_length: int) -> str:
+def preflight(settings: Settings) -> str:
     """Check the model directory; return a one-line description of what will be served, or raise PreflightError."""
-    from app.engine.model_dir import ModelLoadError, inspect_model_dir
+    from app.engine.model_dir import ModelLoadError, encoder_settings, inspect_model_dir
 
+    model_path = settings.model_path
     try:
-        info = inspect_model_dir(model_path, max_length=max_length)
+        info = inspect_model_dir(model_path, **encoder_settings(settings))
     except ModelLoadError as error:
         raise PreflightError(str(error)) from None
-    return f"model directory {model_path}: {info.architecture}, max_length {info.max_length}, {info.tokenizer_class}"
+    return (
+        f"model directory {model_path}: {info.architecture}, max_length {info.max_length}, {info.tokenizer_class}, "
+        f"recipe {info.recipe.name} ({info.recipe_evidence})"
+    )
 
 
 def _fail(message: str, *, debug: bool) -> None:
@@ -76,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         _fail(str(error), debug=debug)
         return
     try:
-        summary = preflight(settings.model_path, max_length=settings.max_length)
+        summary = preflight(settings)
     except PreflightError as error:
         _fail(str(error), debug=debug)
         return

@@ -57,6 +57,15 @@ class BackendKind(str, Enum):
     simulated = "simulated"
 
 
+class RecipeChoice(str, Enum):
+    """How (query, document) pairs become model input and logits a score (``app/engine/recipes``)."""
+
+    auto = "auto"
+    cross_encoder = "cross-encoder"
+    qwen3_reranker = "qwen3-reranker"
+    bge_reranker_gemma = "bge-reranker-gemma"
+
+
 class LongDocuments(str, Enum):
     """What happens to a document longer than the room left beside the query, when a request does not say."""
 
@@ -70,6 +79,23 @@ class Settings(BaseSettings):
     # The model
     model_path: Annotated[Path, Field(description="Local directory of the cross-encoder (mounted read-only).")]
     model_name: str = Field("bge-reranker-base-local", description="Model id served by /v1/models and echoed.")
+    recipe: RecipeChoice = Field(
+        RecipeChoice.auto,
+        description=(
+            "How pairs are scored. auto = recognised from the model's own files: plain *ForSequenceClassification "
+            "encoders as cross-encoders; Qwen3-Reranker (causal or *-seq-cls) and bge-reranker-v2-gemma with their "
+            "published prompts, recognised from the model card, config and tokenizer (or a directory named after "
+            "them); any other LLM is refused. Set it only where recognition cannot work (a renamed copy without "
+            "its model card)."
+        ),
+    )
+    instruction: str | None = Field(
+        None,
+        description=(
+            "The instruction LLM rerankers that take one are given when a request sends none (Qwen3-Reranker's "
+            "<Instruct>, bge-reranker-v2-gemma's prompt); unset = the model card's default."
+        ),
+    )
     device: Device = Field(Device.auto, description="auto picks CUDA when a GPU is visible, else the CPU.")
     dtype: DType = Field(
         DType.auto,
@@ -217,6 +243,11 @@ class Settings(BaseSettings):
     @property
     def engine_sockets_path(self) -> Path:
         return self.engine_socket_dir or Path(tempfile.gettempdir()) / f"reranker-engines-{self.port}"
+
+    @field_validator("instruction")
+    @classmethod
+    def _blank_instruction_is_none(cls, instruction: str | None) -> str | None:
+        return instruction if instruction is not None and instruction.strip() else None
 
     @field_validator("log_level")
     @classmethod

@@ -12,6 +12,7 @@ scores folded back into one score per document. Where the pairs are scored depen
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import time
@@ -27,7 +28,7 @@ from app.cpus import usable_cpus
 from app.engine.base import TRUNCATE, Backend, EncodedRequest, PairEncoder, WindowPolicy
 from app.engine.client import EngineClient
 from app.engine.wire import PackedPairs, join_packed, pack_pairs
-from app.errors import NotReadyError, PayloadTooLargeError
+from app.errors import InvalidRequestError, NotReadyError, PayloadTooLargeError
 
 logger = logging.getLogger(__name__)
 
@@ -237,21 +238,32 @@ class RerankService:
         chunking: Mapping[str, int | None] | None = None,
         truncate_only: bool = False,
         policy: WindowPolicy | None = None,
+        instruction: str | None = None,
     ) -> RerankOutcome:
         """Score one request: ``chunking`` is what it asked for long documents (``window_policy``'s arguments;
-        absent: the configured default), or ``policy`` says exactly. The query is already validated."""
+        absent: the configured default), or ``policy`` says exactly; ``instruction`` replaces an LLM reranker's
+        default instruction. The query is already validated."""
         if self.state != "ready" or self.encoder is None:
             raise NotReadyError(f"the model is not ready ({self.state})")
+        if instruction is not None and not self.encoder.takes_instruction:
+            raise InvalidRequestError(
+                f"this model is scored by the {self.encoder.recipe} recipe, which takes no instruction: leave "
+                "instruction out",
+                param="instruction",
+            )
         if policy is None:
             policy = self.window_policy(**(chunking or {}), truncate_only=truncate_only)
         if not documents:
             return RerankOutcome([], 0)
         started = time.perf_counter()
         if self.engines is not None:
-            encoded, logits, tokenized = await self._encode_and_score(self.engines, query, documents, policy)
+            encoded, logits, tokenized = await self._encode_and_score(
+                self.engines, query, documents, policy, instruction
+            )
         elif self.batcher is not None:
             loop = asyncio.get_running_loop()
-            encoded = await loop.run_in_executor(self._encode_pool, self.encoder.encode, query, documents, policy)
+            encode = functools.partial(self.encoder.encode, query, documents, policy, instruction=instruction)
+            encoded = await loop.run_in_executor(self._encode_pool, encode)
             tokenized = time.perf_counter()
             self._check_window_count(len(encoded.pairs))
             logits = await self.batcher.score(encoded.pairs)
@@ -278,7 +290,12 @@ class RerankService:
             )
 
     async def _encode_and_score(
-        self, engines: EngineClient, query: str, documents: Sequence[str], policy: WindowPolicy
+        self,
+        engines: EngineClient,
+        query: str,
+        documents: Sequence[str],
+        policy: WindowPolicy,
+        instruction: str | None = None,
     ) -> tuple[EncodedRequest, list[float], float]:
         """Tokenise and pack in the encode threads, off the event loop, and score on the engines: the pairs, their
         logits, and when tokenising ended.
@@ -299,7 +316,7 @@ class RerankService:
             results = await asyncio.gather(
                 *(
                     loop.run_in_executor(
-                        self._encode_pool, self._encode_and_pack, encoder, query, documents[part], policy
+                        self._encode_pool, self._encode_and_pack, encoder, query, documents[part], policy, instruction
                     )
                     for part in parts
                 )
@@ -314,9 +331,9 @@ class RerankService:
 
     @staticmethod
     def _encode_and_pack(
-        encoder: PairEncoder, query: str, documents: Sequence[str], policy: WindowPolicy
+        encoder: PairEncoder, query: str, documents: Sequence[str], policy: WindowPolicy, instruction: str | None
     ) -> tuple[EncodedRequest, PackedPairs]:
-        encoded = encoder.encode(query, documents, policy)
+        encoded = encoder.encode(query, documents, policy, instruction=instruction)
         return encoded, pack_pairs(encoded.pairs)
 
     async def check_health(self) -> None:

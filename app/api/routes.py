@@ -105,10 +105,13 @@ async def score(
     state = request.scope["state"]
     state["dialect"] = dialect
     query = body.query_text()
+    instruction = body.instruction_text()
     texts = body.document_texts(max_documents=settings.max_documents)
     state["documents"] = len(texts)
     DOCUMENTS.inc(len(texts))
-    outcome = await service.rerank(query, texts, chunking=body.chunking(), truncate_only=truncate_only)
+    outcome = await service.rerank(
+        query, texts, chunking=body.chunking(), truncate_only=truncate_only, instruction=instruction
+    )
     state["tokens"] = outcome.total_tokens
     state["windows"] = sum(document.window_count for document in outcome.documents)
     state["tokenize_ms"] = round(outcome.tokenize_s * 1000, 2)
@@ -162,6 +165,8 @@ def model_card(service: ServiceDep, settings: SettingsDep, started_at: int) -> M
         num_labels=int(labels) if labels else None,
         dtype=facts.get("dtype"),
         device=facts.get("device"),
+        recipe=facts.get("recipe"),
+        instruction=facts.get("instruction"),
     )
 
 
@@ -225,6 +230,7 @@ async def info(service: ServiceDep, settings: SettingsDep, request: Request) -> 
         max_client_batch_size=settings.max_documents,
         tokenization_workers=2,
         version=__version__,
+        recipe=card.recipe,
     )
 
 

@@ -82,6 +82,14 @@ class RerankRequest(BaseModel):
     max_tokens_per_doc: int | None = Field(
         None, ge=1, description="Cohere v2 / vLLM: score at most this many tokens of each document (chunked)."
     )
+    instruction: str | None = Field(
+        None,
+        max_length=4096,
+        description=(
+            "LLM rerankers that take one (Qwen3-Reranker's <Instruct>, bge-reranker-v2-gemma's prompt): replaces the "
+            "default instruction for this request. A model that takes none answers 400."
+        ),
+    )
 
     @property
     def wants_tei_list(self) -> bool:
@@ -94,6 +102,15 @@ class RerankRequest(BaseModel):
             raise InvalidRequestError("query must be a non-empty string", param="query")
         require_unicode(query, "query")
         return query
+
+    def instruction_text(self) -> str | None:
+        """The request's instruction, checked; None when it sent none."""
+        if self.instruction is None:
+            return None
+        if not self.instruction.strip():
+            raise InvalidRequestError("instruction must be a non-empty string (or left out)", param="instruction")
+        require_unicode(self.instruction, "instruction")
+        return self.instruction
 
     def document_texts(self, *, max_documents: int) -> list[str]:
         """The documents' texts, whatever field and shape the dialect used, checked and within the limit."""
@@ -295,6 +312,10 @@ class ModelCard(BaseModel):
     num_labels: int | None = Field(None, description="1 (a relevance logit) or 2 (not relevant, relevant).")
     dtype: str | None = Field(None, description="The dtype of the matrix products: float16, bfloat16, float32.")
     device: str | None = Field(None, description="cuda, cuda:N or cpu.")
+    recipe: str | None = Field(
+        None, description="How pairs are scored: cross-encoder, qwen3-reranker or bge-reranker-gemma."
+    )
+    instruction: str | None = Field(None, description="An LLM reranker's default instruction (its recipe's).")
 
 
 class ModelList(BaseModel):
@@ -320,6 +341,7 @@ class TeiInfo(BaseModel):
     version: str
     sha: str | None = None
     docker_label: str | None = None
+    recipe: str | None = Field(None, description="Not TEI's: how pairs are scored (see /v1/models).")
 
 
 class Health(BaseModel):

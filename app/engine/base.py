@@ -10,6 +10,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from app.errors import InvalidRequestError
+
 
 @dataclass(frozen=True, slots=True)
 class EncodedPair:
@@ -112,10 +114,25 @@ def write_padded(
             types[row, : len(pair)] = pair.type_ids
 
 
+class PairPrompt(Protocol):
+    """The text an LLM reranker's recipe puts around a pair (``app/engine/recipes``): what the query and each
+    document become before tokenising, and the fixed token ids around them (which may depend on the instruction)."""
+
+    @property
+    def takes_instruction(self) -> bool: ...
+
+    def query_text(self, query: str, instruction: str | None) -> str: ...
+
+    def document_text(self, document: str) -> str: ...
+
+    def template(self, instruction: str | None) -> PairTemplate: ...
+
+
 class PairEncoder:
     """Turns (query, documents) into model-ready pairs, truncating or windowing long documents.
 
-    ``tokenize`` maps texts to token ids without special tokens; ``template`` places the special tokens.
+    ``tokenize`` maps texts to token ids without special tokens; ``template`` places the special tokens. With a
+    ``prompt`` (an LLM reranker's recipe) the texts are the prompt's and so is the template, per instruction.
     """
 
     def __init__(
@@ -125,38 +142,72 @@ class PairEncoder:
         *,
         max_length: int,
         max_query_share: float,
+        prompt: PairPrompt | None = None,
+        recipe: str = "cross-encoder",
     ) -> None:
         self._tokenize = tokenize
         self.template = template
+        self.prompt = prompt
+        self.recipe = recipe
         self.max_length = max_length
+        self.max_query_share = max_query_share
         # A query never takes more than this, so a document always keeps room beside it.
-        self.max_query_tokens = max(1, int((max_length - template.special_count) * max_query_share))
+        self.max_query_tokens = self._max_query_tokens(template)
 
-    def encode(self, query: str, documents: Sequence[str], policy: WindowPolicy = TRUNCATE) -> EncodedRequest:
+    @property
+    def takes_instruction(self) -> bool:
+        return self.prompt is not None and self.prompt.takes_instruction
+
+    def _max_query_tokens(self, template: PairTemplate) -> int:
+        return max(1, int((self.max_length - template.special_count) * self.max_query_share))
+
+    def encode(
+        self,
+        query: str,
+        documents: Sequence[str],
+        policy: WindowPolicy = TRUNCATE,
+        *,
+        instruction: str | None = None,
+    ) -> EncodedRequest:
         if not documents:
             return EncodedRequest()
-        query_ids, *document_ids = self._tokenize([query, *documents])
+        if self.prompt is None:
+            template, texts = self.template, [query, *documents]
+        else:
+            template = self.prompt.template(instruction)
+            texts = [self.prompt.query_text(query, instruction), *map(self.prompt.document_text, documents)]
+        if self.max_length - template.special_count < 2:
+            raise InvalidRequestError(
+                f"the prompt with this instruction is {template.special_count} tokens, which leaves no room for the "
+                f"query and document within {self.max_length} (RERANKER_MAX_LENGTH): send a shorter instruction",
+                param="instruction",
+            )
+        query_ids, *document_ids = self._tokenize(texts)
         request = EncodedRequest()
         for doc_ids in document_ids:
             if policy.max_document_tokens is not None and len(doc_ids) > policy.max_document_tokens:
                 doc_ids = doc_ids[: policy.max_document_tokens]
-            windows, truncated = self.windows(query_ids, doc_ids, policy)
+            windows, truncated = self.windows(query_ids, doc_ids, policy, template)
             request.first_pair.append(len(request.pairs))
             request.window_count.append(len(windows))
             request.truncated.append(truncated)
             for kept_query, window in windows:
-                request.pairs.append(self.template.build(kept_query, window))
+                request.pairs.append(template.build(kept_query, window))
         return request
 
     def windows(
-        self, query_ids: list[int], doc_ids: list[int], policy: WindowPolicy
+        self, query_ids: list[int], doc_ids: list[int], policy: WindowPolicy, template: PairTemplate | None = None
     ) -> tuple[list[tuple[list[int], list[int]]], bool]:
-        """The (query, document window) token lists to score, and whether any document token was dropped."""
-        budget = self.max_length - self.template.special_count
+        """The (query, document window) token lists to score, and whether any document token was dropped.
+
+        The template's tokens (an LLM reranker's system prompt and answer cue among them) are never cut."""
+        template = template or self.template
+        budget = self.max_length - template.special_count
         if len(query_ids) + len(doc_ids) <= budget:
             return [(query_ids, doc_ids)], False
         # Too long: the document gives way first; the query is cut only down to its share of the window.
-        query_keep = min(len(query_ids), max(self.max_query_tokens, budget - len(doc_ids)))
+        max_query_tokens = self._max_query_tokens(template)
+        query_keep = min(len(query_ids), max(max_query_tokens, budget - len(doc_ids)))
         query_ids = query_ids[:query_keep]
         room = budget - query_keep
         if len(doc_ids) <= room:

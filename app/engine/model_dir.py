@@ -1,18 +1,17 @@
 """What a model directory holds, and whether the service can serve it: checked before any weight is loaded.
 
-Three things decide whether a published reranker works here, and each is checked with the files alone:
+Four things decide whether a published reranker works here, and each is checked with the files alone:
 
 - the files can be read by this process (a weights file the container's uid cannot read is "permission
   denied", not "no such file");
-- ``config.json`` names a plain ``*ForSequenceClassification`` that the installed transformers implements (no
-  remote code, not an embedding or masked-LM model), with one label (or two: not relevant / relevant);
-- the tokenizer loads, and the service's own pair encoding gives exactly the ids and type ids of the
-  tokenizer's pair encoding ``tokenizer(query, document)``, which is what sentence-transformers'
-  ``CrossEncoder`` (and the model's training) used.
-
-The pair template (where the special tokens go, and every position's type id) is learnt from that same pair
-encoding, not from the post-processor's internals: transformers 5 rebuilds an ``XLMRobertaTokenizer``'s
-post-processor as a ``TemplateProcessing`` whatever ``tokenizer.json`` holds, and BERT's is one too.
+- ``config.json`` names an architecture the installed transformers implements (no remote code);
+- a scoring recipe fits it (``app/engine/recipes``): a plain ``*ForSequenceClassification`` encoder with one label
+  (or two: not relevant / relevant) is a cross-encoder; an LLM reranker is recognised from its model card, config
+  and tokenizer (Qwen3-Reranker, bge-reranker-v2-gemma) or named by RERANKER_RECIPE; any other LLM is refused;
+- the tokenizer loads, and the service's own encoding of probe pairs gives exactly the ids (and type ids) of the
+  recipe's reference: the tokenizer's pair encoding ``tokenizer(query, document)`` for a cross-encoder (what
+  sentence-transformers' ``CrossEncoder`` and the model's training used), the model card's prompt encoded by the
+  model's own tokenizer for an LLM reranker.
 
 ``inspect_model_dir`` is what ``python -m app`` runs before gunicorn starts; ``load_pair_encoder`` is what an
 HTTP worker needs to tokenise without a copy of the weights; ``TorchBackend`` uses ``open_model_dir``.
@@ -22,13 +21,21 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app.config import Settings, model_dir_problem
-from app.engine.base import PairEncoder, PairTemplate
+from app.config import RecipeChoice, Settings, model_dir_problem
+from app.engine.base import PairEncoder
+from app.engine.recipes import (
+    CrossEncoder,
+    ModelFiles,
+    PromptRecipe,
+    Recipe,
+    RecipeError,
+    choose_recipe,
+    read_card,
+)
 
 # Nothing is ever fetched at run time; set before transformers is imported.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -38,7 +45,8 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 SUPPORTED = (
     "plain *ForSequenceClassification cross-encoders that transformers implements: XLM-RoBERTa (bge-reranker-*), "
     "BERT/MiniLM (cross-encoder/ms-marco-*), ELECTRA, DeBERTa-v2 (mxbai-rerank-*-v1), ModernBERT "
-    "(gte-reranker-modernbert-base)"
+    "(gte-reranker-modernbert-base); LLM rerankers with their published recipe: Qwen3-Reranker (causal or "
+    "*-seq-cls), bge-reranker-v2-gemma"
 )
 # Model types whose positions start after padding_idx: 514 position embeddings hold 512 tokens.
 OFFSET_POSITION_TYPES = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert"}
@@ -48,6 +56,16 @@ PROBE_PAIRS = (
     ("naïve café", "東京 🙂 data 12345,  two  spaces and UPPER case."),
     ("which passage mentions the harbour", "the harbour was busy"),
 )
+# LLM recipes tokenise a prompt's parts on their own: documents that start with what could join the text before
+# them (digits, punctuation, a newline, spaces, a special token's text) and end the same way.
+PROMPT_PROBE_PAIRS = (
+    ("capital?", "1999: the year (and 12,345 more)..."),
+    ("  spaced query  ", "\n\nnew lines first\n"),
+    ("emoji 🙂?", "  two leading spaces, then <|im_end|> and </think> as text"),
+    ("x", ""),
+    ("¿Qué es?", "¡Mucho! 東京では…"),
+)
+PROBE_INSTRUCTION = "Judge whether the passage is about a harbour: answer only yes or no."
 
 
 class ModelLoadError(RuntimeError):
@@ -66,6 +84,13 @@ class ModelInfo:
     max_length: int  # tokens per (query, document) pair the service will use, special tokens included
     tokenizer_class: str
     uses_type_ids: bool
+    recipe: Recipe
+    recipe_evidence: str  # why this recipe was chosen (the start-up log says it)
+
+    @property
+    def decoder(self) -> bool:
+        """An LLM reranker: scored at its last real token by one answer-token row, not by a classifier head."""
+        return self.recipe.decoder
 
     def describe(self) -> dict[str, str]:
         return {
@@ -74,6 +99,7 @@ class ModelInfo:
             "num_labels": str(self.num_labels),
             "max_length": str(self.max_length),
             "tokenizer": self.tokenizer_class,
+            **self.recipe.describe(),
         }
 
 
@@ -100,7 +126,8 @@ def read_config(path: Path) -> dict[str, Any]:
 
 
 def check_architecture(path: Path, config: dict[str, Any]) -> tuple[str, str]:
-    """The (architecture, model_type) to load; raises for remote code and for anything but a classifier."""
+    """The (architecture, model_type) to load; raises for remote code and for what transformers does not implement.
+    Whether it can rerank is the recipe's question (``choose_recipe``)."""
     import transformers
     from transformers import CONFIG_MAPPING
 
@@ -113,7 +140,7 @@ def check_architecture(path: Path, config: dict[str, Any]) -> tuple[str, str]:
             f"model at {path} needs remote code (config.json auto_map -> {architecture or 'custom classes'}), "
             f"which this service never runs; supported: {SUPPORTED}"
         )
-    if not architecture.endswith("ForSequenceClassification"):
+    if not architecture.endswith(("ForSequenceClassification", "ForCausalLM")):
         what = architecture or "a model with no architectures entry"
         raise ModelLoadError(
             f"model at {path} is {what}, not a sequence classifier (a cross-encoder reranker); an embedding or "
@@ -162,41 +189,6 @@ def load_tokenizer(path: Path) -> Any:
     return tokenizer
 
 
-def _find(sequence: Sequence[int], part: Sequence[int], start: int) -> int:
-    for at in range(start, len(sequence) - len(part) + 1):
-        if list(sequence[at : at + len(part)]) == list(part):
-            return at
-    return -1
-
-
-def pair_template(tokenizer: Any, path: Path) -> PairTemplate:
-    """Where the tokenizer's pair encoding puts its special tokens around (query, document), and their types."""
-    query, document = PROBE_PAIRS[0]
-    query_ids = tokenizer(query, add_special_tokens=False)["input_ids"]
-    document_ids = tokenizer(document, add_special_tokens=False)["input_ids"]
-    pair = tokenizer(query, document, return_token_type_ids=True)
-    ids: list[int] = list(pair["input_ids"])
-    types: list[int] = list(pair.get("token_type_ids") or [0] * len(ids))
-    first = _find(ids, query_ids, 0)
-    second = _find(ids, document_ids, first + len(query_ids)) if first >= 0 else -1
-    if first < 0 or second < 0 or not query_ids or not document_ids:
-        raise ModelLoadError(
-            f"the tokenizer in {path} does not encode a (query, document) pair as the two texts plus special "
-            f"tokens ({tokenizer.convert_ids_to_tokens(ids)[:40]}); fix: use the model's published tokenizer files"
-        )
-    after_first, after_second = first + len(query_ids), second + len(document_ids)
-    return PairTemplate(
-        prefix=tuple(ids[:first]),
-        middle=tuple(ids[after_first:second]),
-        suffix=tuple(ids[after_second:]),
-        first_type=types[first],
-        second_type=types[second],
-        prefix_types=tuple(types[:first]),
-        middle_types=tuple(types[after_first:second]),
-        suffix_types=tuple(types[after_second:]),
-    )
-
-
 def tokenize_function(tokenizer: Any) -> Any:
     """Texts → token ids without special tokens, in the tokenizer's Rust code (releases the GIL).
 
@@ -217,8 +209,28 @@ def tokenize_function(tokenizer: Any) -> Any:
     return tokenize
 
 
-def verify_pairs(encoder: PairEncoder, tokenizer: Any, path: Path, *, uses_type_ids: bool) -> None:
-    """Refuse to start unless the service's pairs are the tokenizer's own ``tokenizer(query, document)``."""
+def verify_pairs(
+    encoder: PairEncoder, tokenizer: Any, path: Path, *, uses_type_ids: bool, recipe: Recipe | None = None
+) -> None:
+    """Refuse to start unless the service's pairs are the recipe's own: the tokenizer's ``tokenizer(query,
+    document)`` for a cross-encoder, the model card's prompt through the model's tokenizer for an LLM reranker
+    (with the default instruction and with another)."""
+    if recipe is not None and recipe.decoder:
+        instructions = (None, PROBE_INSTRUCTION) if encoder.takes_instruction else (None,)
+        for query, document in PROBE_PAIRS + PROMPT_PROBE_PAIRS:
+            for instruction in instructions:
+                service = list(encoder.encode(query, [document], instruction=instruction).pairs[0].input_ids)
+                recipe_ids = recipe.reference_ids(query, document, instruction)
+                if service != recipe_ids:
+                    pairs = enumerate(zip(service, recipe_ids, strict=False))
+                    at = next((i for i, (a, b) in pairs if a != b), min(len(service), len(recipe_ids)))
+                    raise ModelLoadError(
+                        f"the tokenizer in {path} encodes the {recipe.name} prompt differently from the service "
+                        f"(self-check on {query!r} / {document!r}: from token {at}, service "
+                        f"{service[at : at + 12]}, recipe {recipe_ids[at : at + 12]}); refusing to serve wrong "
+                        "scores; fix: report this model and tokenizer version"
+                    )
+        return
     for query, document in PROBE_PAIRS:
         ours = encoder.encode(query, [document]).pairs[0]
         theirs = tokenizer(query, document, return_token_type_ids=True)
@@ -250,8 +262,16 @@ def _max_length(config: dict[str, Any], model_type: str, tokenizer: Any, wanted:
     return positions, min(limits)
 
 
-def open_model_dir(path: Path, *, max_length: int, max_query_share: float) -> tuple[PairEncoder, ModelInfo, Any]:
-    """Check the directory and build the service's pair encoder from its tokenizer (no weights loaded).
+def open_model_dir(
+    path: Path,
+    *,
+    max_length: int,
+    max_query_share: float,
+    recipe: RecipeChoice | str = RecipeChoice.auto,
+    instruction: str | None = None,
+) -> tuple[PairEncoder, ModelInfo, Any]:
+    """Check the directory, choose its scoring recipe and build the service's pair encoder from its tokenizer (no
+    weights loaded).
 
     Returns the encoder, what was found, and the transformers tokenizer (for its pad id and input names).
     Raises :class:`ModelLoadError` with one line naming the path, the reason and the fix.
@@ -259,17 +279,39 @@ def open_model_dir(path: Path, *, max_length: int, max_query_share: float) -> tu
     check_files(path)
     config = read_config(path)
     architecture, model_type = check_architecture(path, config)
-    num_labels = label_count(path, config)
     tokenizer = load_tokenizer(path)
-    uses_type_ids = "token_type_ids" in tokenizer.model_input_names
+    tokenize = tokenize_function(tokenizer)
+    files = ModelFiles(path, config, architecture, model_type, read_card(path), tokenizer)
+    forced = recipe.value if isinstance(recipe, RecipeChoice) else str(recipe)
+    try:
+        chosen, evidence = choose_recipe(files, tokenize, forced=forced, instruction=instruction)
+    except RecipeError as error:
+        raise ModelLoadError(f"{error}; supported: {SUPPORTED}") from None
+    if instruction is not None and not chosen.takes_instruction:
+        raise ModelLoadError(
+            f"RERANKER_INSTRUCTION is set, but model at {path} is scored by the {chosen.name} recipe, which takes "
+            "no instruction; fix: unset RERANKER_INSTRUCTION"
+        )
+    # A causal LM is read through one answer-token row: one label, whatever its vocabulary.
+    num_labels = label_count(path, config) if architecture.endswith("ForSequenceClassification") else 1
+    uses_type_ids = not chosen.decoder and "token_type_ids" in tokenizer.model_input_names
     positions, usable_length = _max_length(config, model_type, tokenizer, max_length)
+    prompt: PromptRecipe | None = None
+    if isinstance(chosen, PromptRecipe):
+        template, prompt = chosen.template(None), chosen
+    elif isinstance(chosen, CrossEncoder):
+        template = chosen.template
+    else:
+        raise TypeError(f"recipe {chosen.name} neither prompts nor pairs")
     encoder = PairEncoder(
-        tokenize_function(tokenizer),
-        pair_template(tokenizer, path),
+        tokenize,
+        template,
         max_length=usable_length,
         max_query_share=max_query_share,
+        prompt=prompt,
+        recipe=chosen.name,
     )
-    verify_pairs(encoder, tokenizer, path, uses_type_ids=uses_type_ids)
+    verify_pairs(encoder, tokenizer, path, uses_type_ids=uses_type_ids, recipe=chosen)
     info = ModelInfo(
         path=path,
         architecture=architecture,
@@ -279,18 +321,36 @@ def open_model_dir(path: Path, *, max_length: int, max_query_share: float) -> tu
         max_length=usable_length,
         tokenizer_class=type(tokenizer).__name__,
         uses_type_ids=uses_type_ids,
+        recipe=chosen,
+        recipe_evidence=evidence,
     )
     return encoder, info, tokenizer
 
 
 def load_pair_encoder(settings: Settings) -> PairEncoder:
     """The pair encoder alone: what an HTTP worker needs to tokenise without a copy of the weights."""
-    encoder, _, _ = open_model_dir(
-        settings.model_path, max_length=settings.max_length, max_query_share=settings.max_query_share
-    )
-    return encoder
+    return open_model_dir(settings.model_path, **encoder_settings(settings))[0]
 
 
-def inspect_model_dir(path: Path, *, max_length: int = 512, max_query_share: float = 0.5) -> ModelInfo:
+def encoder_settings(settings: Settings) -> dict[str, Any]:
+    """The settings ``open_model_dir`` reads, as its keyword arguments."""
+    return {
+        "max_length": settings.max_length,
+        "max_query_share": settings.max_query_share,
+        "recipe": settings.recipe,
+        "instruction": settings.instruction,
+    }
+
+
+def inspect_model_dir(
+    path: Path,
+    *,
+    max_length: int = 512,
+    max_query_share: float = 0.5,
+    recipe: RecipeChoice | str = RecipeChoice.auto,
+    instruction: str | None = None,
+) -> ModelInfo:
     """Everything ``open_model_dir`` checks, for a preflight before the server starts."""
-    return open_model_dir(path, max_length=max_length, max_query_share=max_query_share)[1]
+    return open_model_dir(
+        path, max_length=max_length, max_query_share=max_query_share, recipe=recipe, instruction=instruction
+    )[1]

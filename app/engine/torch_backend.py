@@ -49,7 +49,8 @@ from app.cpus import usable_cpus
 from app.engine.base import EncodedPair, padded_tokens, write_padded
 from app.engine.cuda_graphs import CudaGraphs
 from app.engine.first_token import prune_last_layer, restore_last_layer
-from app.engine.model_dir import ModelLoadError, open_model_dir
+from app.engine.last_token import LastTokenScorer
+from app.engine.model_dir import ModelLoadError, encoder_settings, open_model_dir
 from app.engine.packed import PackedGraphs, PackedModel, packable
 
 __all__ = ["ModelLoadError", "TorchBackend"]
@@ -161,24 +162,28 @@ class TorchBackend:
         self.dtype = resolve_dtype(settings.dtype, self.device)  # the dtype of the matrix products
         self.weights_dtype = weights_dtype(self.dtype)
         self.slice_tokens = CPU_SLICE_TOKENS if self.device.type == "cpu" else None
-        self.compile_mode = settings.torch_compile
-        self.compiled = self.compile_mode is Compile.on or (
-            self.compile_mode is Compile.auto and self.device.type == "cpu" and _has_cxx_compiler()
-        )
-        # Compiled on the CPU, plain attention (matmul, softmax, matmul) beats the SDPA kernel: inductor fuses
-        # the scaling, mask and softmax, and the products go to oneDNN (7 % faster on 126-token pairs).
-        self.attention = "eager" if self.compiled and self.device.type == "cpu" else "sdpa"
         if self.device.type == "cpu":
             copies = model_copies or settings.worker_processes
             threads = settings.torch_threads or max(1, usable_cpus() // copies)
             torch.set_num_threads(threads)
         # The tokenizer side first: it refuses a directory the service cannot serve before any weight is read.
-        self.encoder, self.info, hf_tokenizer = open_model_dir(
-            settings.model_path, max_length=settings.max_length, max_query_share=settings.max_query_share
+        self.encoder, self.info, hf_tokenizer = open_model_dir(settings.model_path, **encoder_settings(settings))
+        self.compile_mode = settings.torch_compile
+        # LLM rerankers run eagerly unless compiling is asked for: their compile on the CPU (dynamic shapes over
+        # a 28-layer decoder) has not been measured to pay for its start-up.
+        self.compiled = self.compile_mode is Compile.on or (
+            self.compile_mode is Compile.auto
+            and self.device.type == "cpu"
+            and not self.info.decoder
+            and _has_cxx_compiler()
         )
+        # Compiled on the CPU, plain attention (matmul, softmax, matmul) beats the SDPA kernel: inductor fuses
+        # the scaling, mask and softmax, and the products go to oneDNN (7 % faster on 126-token pairs).
+        self.attention = "eager" if self.compiled and self.device.type == "cpu" else "sdpa"
         self.pad_id = int(hf_tokenizer.pad_token_id if hf_tokenizer.pad_token_id is not None else 0)
         self.uses_type_ids = self.info.uses_type_ids
-        self.num_labels = self.info.num_labels
+        # A decoder's scorer reads one row already (a 2-label *-seq-cls's difference included).
+        self.num_labels = 1 if self.info.decoder else self.info.num_labels
         self.model = self._load(settings.model_path)
         if self.weights_dtype != self.dtype and isinstance(getattr(self.model, "classifier", None), torch.nn.Module):
             self.model.classifier = Float32Head(self.model.classifier, self.device.type)
@@ -257,14 +262,19 @@ class TorchBackend:
             return torch.autocast(device_type=self.device.type, dtype=self.dtype)
         return contextlib.nullcontext()
 
+    def _auto_class(self) -> Any:
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+        causal = self.info.architecture.endswith("ForCausalLM")
+        return AutoModelForCausalLM if causal else AutoModelForSequenceClassification
+
     def _load(self, path: Path) -> Any:
-        from transformers import AutoModelForSequenceClassification
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
         started = time.perf_counter()
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(
+            model = self._auto_class().from_pretrained(
                 path, local_files_only=True, dtype=self.weights_dtype, attn_implementation=self.attention
             )
         except ValueError as error:
@@ -274,11 +284,20 @@ class TorchBackend:
             model = self._load_default_attention(path)
         except Exception as error:
             raise ModelLoadError(_load_failure(path, error)) from None
+        if self.info.decoder:
+            # One logit per pair at the last real token (last_token.py); the vocabulary-wide head goes.
+            answer = self.info.recipe.answer_tokens() if self.info.architecture.endswith("ForCausalLM") else None
+            try:
+                model = LastTokenScorer(model, answer)
+            except ValueError as error:
+                raise ModelLoadError(f"cannot score the model in {path} with its recipe: {error}") from None
         model.to(self.device).eval()
         logger.info(
-            "loaded %s (labels %s, max length %d) from %s on %s (weights %s, matrix products %s, attention %s) "
-            "in %.1fs",
+            "loaded %s (recipe %s: %s; labels %s, max length %d) from %s on %s (weights %s, matrix products %s, "
+            "attention %s) in %.1fs",
             self.info.architecture,
+            self.info.recipe.name,
+            self.info.recipe_evidence,
             self.info.num_labels,
             self.info.max_length,
             path,
@@ -291,12 +310,8 @@ class TorchBackend:
         return model
 
     def _load_default_attention(self, path: Path) -> Any:
-        from transformers import AutoModelForSequenceClassification
-
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                path, local_files_only=True, dtype=self.weights_dtype
-            )
+            model = self._auto_class().from_pretrained(path, local_files_only=True, dtype=self.weights_dtype)
         except Exception as error:
             raise ModelLoadError(_load_failure(path, error)) from None
         self.attention = str(model.config._attn_implementation)

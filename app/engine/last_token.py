@@ -1,0 +1,91 @@
+"""LLM rerankers as one logit per pair: the decoder's hidden state at each pair's last real token, times one row.
+
+A causal-LM reranker answers with a token ("yes"): its logit is the answer token's logit minus another's ("no"),
+or the logit itself, at the last position. That is the final hidden state times one row of the LM head
+(``w_yes - w_no``, made in float32 once, at load, as vLLM's ``from_2_way_softmax`` does), so the head over the
+whole vocabulary (151,669 rows for Qwen3, at every position, in the model card's code) is never computed, and the
+head of an untied model (Qwen3-Reranker-8B's 1.2 GB) is freed. A ``*-seq-cls`` conversion carries the row as its
+classifier already.
+
+Batches are right-padded. Under the causal mask a real token never attends to the padding after it, and positions
+count from each pair's first token, so padding never changes a pair's logit. The mask goes to the model as the
+4-D mask transformers would build (causal, padded keys masked), built without reading any tensor on the host, so a
+forward pass can be captured as a CUDA graph (transformers' own mask code asks whether the batch is padded).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class ScorerOutput:
+    logits: torch.Tensor  # (pairs, 1), float32
+
+
+def head_row(model: Any, answer_tokens: tuple[int, int | None] | None) -> tuple[torch.Tensor, float]:
+    """The one row (and bias) whose product with the last hidden state is the recipe's logit, in float32.
+
+    ``answer_tokens`` (a causal LM): the LM head's row of the first token, minus the second's when given. None (a
+    ``*ForSequenceClassification``): its classifier's one row, or with two labels (not relevant, relevant) their
+    difference, the log-odds of "relevant"."""
+    if answer_tokens is not None:
+        head = model.get_output_embeddings()
+        positive, negative = answer_tokens
+    else:
+        head = model.score
+        positive, negative = (1, 0) if head.weight.shape[0] == 2 else (0, None)
+    weight = head.weight.detach().float()
+    bias = head.bias.detach().float() if getattr(head, "bias", None) is not None else None
+    row = weight[positive].clone()
+    offset = float(bias[positive]) if bias is not None else 0.0
+    if negative is not None:
+        row -= weight[negative]
+        offset -= float(bias[negative]) if bias is not None else 0.0
+    return row, offset
+
+
+def causal_mask(attention_mask: torch.Tensor, *, additive_dtype: torch.dtype | None) -> torch.Tensor:
+    """The ``(pairs, 1, tokens, tokens)`` mask of right-padded pairs: query ``i`` sees keys ``j <= i`` that are
+    real. Boolean (True = attend) for SDPA, or additive (0 / the dtype's minimum) for eager attention. Every row sees
+    its first key, so no row is all masked (a padded row's output is finite, and never read)."""
+    tokens = attention_mask.shape[-1]
+    positions = torch.arange(tokens, device=attention_mask.device)
+    allowed = (positions[None, :] <= positions[:, None])[None, None] & attention_mask[:, None, None, :].bool()
+    if additive_dtype is None:
+        return allowed
+    blocked = torch.zeros(allowed.shape, dtype=additive_dtype, device=allowed.device)
+    return blocked.masked_fill(~allowed, torch.finfo(additive_dtype).min)
+
+
+class LastTokenScorer(torch.nn.Module):
+    """A decoder reranker reduced to ``(input_ids, attention_mask) -> logits (pairs, 1)``: the interface the
+    padded path, the CUDA graphs and the readiness check already call for cross-encoders."""
+
+    def __init__(self, model: Any, answer_tokens: tuple[int, int | None] | None) -> None:
+        super().__init__()
+        config = model.config
+        if getattr(config, "final_logit_softcapping", None):
+            # tanh(z / cap) per token: the difference of two capped logits is not one row's product.
+            raise ValueError("a model that soft-caps its logits cannot be read through one head row")
+        self.config = config
+        row, bias = head_row(model, answer_tokens)
+        self.decoder = model.base_model
+        self.head = torch.nn.Linear(row.shape[0], 1, dtype=torch.float32, device=row.device)
+        with torch.no_grad():
+            self.head.weight.copy_(row.view(1, -1))
+            self.head.bias.fill_(bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: Any) -> ScorerOutput:
+        sdpa = getattr(self.decoder.config, "_attn_implementation", "sdpa") == "sdpa"
+        dtype = self.decoder.get_input_embeddings().weight.dtype
+        mask = causal_mask(attention_mask, additive_dtype=None if sdpa else dtype)
+        hidden = self.decoder(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
+        last = attention_mask.sum(dim=-1) - 1  # right padding: each pair's last real token
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            # float32: a half-precision logit would round z_yes - z_no visibly in the [0, 1] score
+            return ScorerOutput(self.head(hidden[rows, last].float()))
