@@ -64,6 +64,7 @@ class RecipeChoice(str, Enum):
     cross_encoder = "cross-encoder"
     qwen3_reranker = "qwen3-reranker"
     bge_reranker_gemma = "bge-reranker-gemma"
+    mxbai_rerank_v2 = "mxbai-rerank-v2"
 
 
 class LongDocuments(str, Enum):
@@ -83,10 +84,10 @@ class Settings(BaseSettings):
         RecipeChoice.auto,
         description=(
             "How pairs are scored. auto = recognised from the model's own files: plain *ForSequenceClassification "
-            "encoders as cross-encoders; Qwen3-Reranker (causal or *-seq-cls) and bge-reranker-v2-gemma with their "
-            "published prompts, recognised from the model card, config and tokenizer (or a directory named after "
-            "them); any other LLM is refused. Set it only where recognition cannot work (a renamed copy without "
-            "its model card)."
+            "encoders as cross-encoders; Qwen3-Reranker (causal or *-seq-cls), bge-reranker-v2-gemma and "
+            "mxbai-rerank-v2 with their published prompts, recognised from the model card's title or base_model "
+            "(or a directory named after them); any other LLM is refused. Set it only where recognition cannot "
+            "work (a renamed copy without its model card)."
         ),
     )
     instruction: str | None = Field(

@@ -11,6 +11,7 @@ from __future__ import annotations
 from app.engine.recipes.base import ModelFiles, PromptRecipe, Recipe, RecipeError, Tokenize, read_card
 from app.engine.recipes.bge_gemma import BgeRerankerGemma
 from app.engine.recipes.cross_encoder import CrossEncoder, pair_template
+from app.engine.recipes.mxbai_v2 import MxbaiRerankV2
 from app.engine.recipes.qwen3_reranker import Qwen3Reranker
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "BgeRerankerGemma",
     "CrossEncoder",
     "ModelFiles",
+    "MxbaiRerankV2",
     "PromptRecipe",
     "Qwen3Reranker",
     "Recipe",
@@ -30,7 +32,7 @@ __all__ = [
 
 # LLM rerankers first: their directories are recognised by evidence, and a *-seq-cls conversion is also a
 # sequence classifier, which the cross-encoder recipe would otherwise take (and score without its prompt).
-DECODER_RECIPES: tuple[type[Recipe], ...] = (Qwen3Reranker, BgeRerankerGemma)
+DECODER_RECIPES: tuple[type[Recipe], ...] = (Qwen3Reranker, BgeRerankerGemma, MxbaiRerankV2)
 _ALL: tuple[type[Recipe], ...] = (CrossEncoder, *DECODER_RECIPES)
 RECIPES: dict[str, type[Recipe]] = {recipe.name: recipe for recipe in _ALL}
 FORCE_HINT = "RERANKER_RECIPE=" + " or ".join(recipe.name for recipe in DECODER_RECIPES)
@@ -78,9 +80,9 @@ def choose_recipe(
         raise RecipeError(
             f"model at {path} is {architecture} ({kind}, model_type {files.model_type!r}) whose scoring recipe is "
             "unknown: an LLM reranker is scored only with the prompt and answer tokens it was trained on, and "
-            "nothing in its model card, config or directory name says which (Qwen3-Reranker and "
-            "bge-reranker-v2-gemma are recognised); a chat or base LLM is not a reranker. If it is one of those "
-            f"rerankers (a copy without its model card), set {FORCE_HINT}"
+            "nothing in its model card, config or directory name says which (Qwen3-Reranker, "
+            "bge-reranker-v2-gemma and mxbai-rerank-v2 are recognised); a chat or base LLM is not a reranker. If "
+            f"it is one of those rerankers (a copy without its model card), set {FORCE_HINT}"
         )
     evidence = CrossEncoder.recognise(files)
     if evidence is None:
