@@ -87,7 +87,7 @@ class RerankRequest(BaseModel):
         max_length=4096,
         description=(
             "LLM rerankers that take one (Qwen3-Reranker's <Instruct>, bge-reranker-v2-gemma's prompt): replaces the "
-            "default instruction for this request. A model that takes none answers 400."
+            "default instruction for this request. A model that takes none answers 422."
         ),
     )
 
