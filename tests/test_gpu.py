@@ -157,3 +157,30 @@ def test_packed_batches_score_as_the_padded_model(family: str, family_dirs: dict
             scores, reference = np.array(packed.forward(chosen)), np.array(padded.forward(chosen))
             assert float(np.abs(scores - reference).max()) <= 0.02 * max(1.0, float(np.abs(reference).max()))
     assert len(packed.packed_graphs) == captured
+
+
+@pytest.mark.parametrize("dtype", ["auto", "bfloat16"])
+@pytest.mark.parametrize("family", ["qwen3-reranker", "bge-reranker-v2-gemma", "mxbai-rerank-base-v2"])
+def test_llm_rerankers_on_cuda_within_tolerance_of_float32(family: str, dtype: str, tmp_path: Path) -> None:
+    """LLM rerankers on the GPU (float16 with CUDA graphs of padded batches, or bfloat16 under autocast) against
+    the service's own float32 scores on the CPU, which tests/test_llm_rerankers.py ties to the authors' code."""
+    from tests.llm_factory import build_llm_reranker
+
+    model_dir = build_llm_reranker(tmp_path / family, family=family)
+    cpu = TorchBackend(Settings(model_path=model_dir, device="cpu", dtype="float32", torch_compile="off"))  # type: ignore[arg-type]
+    pairs = cpu.encoder.encode(QUERY, DOCUMENTS).pairs
+    reference = 1 / (1 + np.exp(-np.asarray(cpu.forward(pairs), dtype=np.float64)))
+    backend = TorchBackend(
+        Settings(model_path=model_dir, device="cuda", dtype=dtype, cuda_graphs=dtype == "auto")  # type: ignore[arg-type]
+    )
+    backend.warm_up()
+    facts = backend.describe()
+    assert facts["device"].startswith("cuda") and facts["recipe"] != "cross-encoder"
+    if dtype == "auto":
+        assert int(facts["cuda_graphs"]) > 0, "padded CUDA graphs of the decoder were not captured"
+    batched = 1 / (1 + np.exp(-np.asarray(backend.forward(sorted(pairs, key=len)), dtype=np.float64)))
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i]))
+    batched = batched[np.argsort(order)]
+    alone = 1 / (1 + np.exp(-np.asarray([backend.forward([pair])[0] for pair in pairs], dtype=np.float64)))
+    for scores in (batched, alone):
+        assert float(np.abs(scores - reference).max()) <= TOLERANCE

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from app.config import Settings
+from app.engine.last_token import MIN_SHARED_PREFIX, common_prefix
 from app.engine.model_dir import ModelLoadError, inspect_model_dir, open_model_dir
 from app.engine.recipes import Qwen3Reranker
 from app.engine.torch_backend import TorchBackend
@@ -97,6 +98,20 @@ def test_qwen3_reranker_scores_as_its_model_card(llm_dirs: dict[str, Path], inst
     np.testing.assert_allclose(batched, raw, atol=TOLERANCE)
     np.testing.assert_allclose(alone, raw, atol=TOLERANCE)
     np.testing.assert_allclose(sigmoid(batched), probabilities, atol=TOLERANCE)
+
+
+def test_a_shared_prefix_scores_as_whole_pairs(llm_dirs: dict[str, Path]) -> None:
+    """On the CPU a batch's common prefix runs once (app/engine/last_token.py): the same scores as whole pairs,
+    whether the batch shares the whole head of one request or only the system prompt of two."""
+    model_dir = llm_dirs["qwen3-reranker"]
+    shared, whole = (TorchBackend(float32_settings(model_dir, share_prefix=on)) for on in (True, False))
+    assert (shared.describe()["shared_prefix"], whole.describe()["shared_prefix"]) == ("true", "false")
+    one_request = shared.encoder.encode(QUERY, DOCUMENTS).pairs
+    two_requests = one_request + shared.encoder.encode("another", DOCUMENTS[:3], instruction=INSTRUCTION).pairs
+    system_prompt = len(shared.info.recipe.template(None).prefix)  # type: ignore[attr-defined]
+    assert common_prefix(one_request) > common_prefix(two_requests) >= system_prompt >= MIN_SHARED_PREFIX
+    for pairs in (one_request, two_requests):
+        np.testing.assert_allclose(shared.forward(pairs), whole.forward(pairs), atol=1e-5)
 
 
 def test_the_instruction_changes_the_scores(llm_dirs: dict[str, Path]) -> None:

@@ -49,7 +49,7 @@ from app.cpus import usable_cpus
 from app.engine.base import EncodedPair, padded_tokens, write_padded
 from app.engine.cuda_graphs import CudaGraphs
 from app.engine.first_token import prune_last_layer, restore_last_layer
-from app.engine.last_token import LastTokenScorer
+from app.engine.last_token import MIN_SHARED_PREFIX, LastTokenScorer, common_prefix
 from app.engine.model_dir import ModelLoadError, encoder_settings, open_model_dir
 from app.engine.packed import PackedGraphs, PackedModel, packable
 
@@ -189,6 +189,10 @@ class TorchBackend:
             self.model.classifier = Float32Head(self.model.classifier, self.device.type)
         # Before compiling: the compiled graph is of the pruned model.
         self.first_token_last_layer = self._prune_last_layer()
+        # LLM rerankers on the CPU: a batch's common prefix runs once (last_token.py), if it scores the same.
+        self.shared_prefix = (
+            settings.share_prefix and self.info.decoder and self.device.type == "cpu" and self._check_shared_prefix()
+        )
         # CUDA graphs, captured by warm_up(): of packed batches (packed.py) where the model allows, else of
         # padded ones (cuda_graphs.py).
         self.graphs: CudaGraphs | None = None
@@ -241,6 +245,35 @@ class TorchBackend:
             )
             return False
         return True
+
+    def _check_shared_prefix(self) -> bool:
+        """Whether running a batch's common prefix once scores a probe batch as whole pairs do."""
+        probe = self._padded_probe()
+        whole = np.array(self._forward(probe, self.model))
+        try:
+            shared = np.array(self._forward_shared(probe, common_prefix(probe)))
+        except Exception as error:  # a transformers version whose cache differs: whole pairs
+            logger.warning("a shared prefix failed on a probe batch (%s: %s); whole pairs", type(error).__name__, error)
+            return False
+        difference = float(np.abs(shared - whole).max())
+        tolerance = (1e-3 if self.dtype == torch.float32 else 3e-2) * max(1.0, float(np.abs(whole).max()))
+        if not difference <= tolerance:
+            logger.warning("a shared prefix moved a probe logit by %.3g; whole pairs", difference)
+            return False
+        return True
+
+    def _forward_shared(self, pairs: Sequence[EncodedPair], shared: int) -> list[float]:
+        """Scores of ``pairs``, whose first ``shared`` tokens are the same, that prefix run once."""
+        prefix = torch.tensor([list(pairs[0].input_ids[:shared])], dtype=torch.long, device=self.device)
+        rests = [EncodedPair(pair.input_ids[shared:], pair.type_ids[shared:]) for pair in pairs]
+        shape = (len(rests), max(len(rest) for rest in rests))
+        input_ids, attention = np.empty(shape, dtype=np.int64), np.empty(shape, dtype=np.int64)
+        write_padded(rests, input_ids, attention, None, pad_id=self.pad_id)
+        with torch.inference_mode(), self._autocast():
+            output = self.model.forward_shared(
+                prefix, torch.from_numpy(input_ids).to(self.device), torch.from_numpy(attention).to(self.device)
+            )
+        return self._scores(output.logits)
 
     def _compiled_model(self) -> Callable[..., Any]:
         import torch._inductor.config as inductor_config
@@ -330,7 +363,12 @@ class TorchBackend:
         # The batcher hands pairs sorted by length, so each slice pads only to its own longest pair.
         scores: list[float] = []
         for start, stop in slices([len(pair) for pair in pairs], self.slice_tokens):
-            scores.extend(self._forward(pairs[start:stop], self._run, graphs=True))
+            part = pairs[start:stop]
+            shared = common_prefix(part) if self.shared_prefix else 0
+            if shared >= MIN_SHARED_PREFIX:
+                scores.extend(self._forward_shared(part, shared))
+            else:
+                scores.extend(self._forward(part, self._run, graphs=True))
         return scores
 
     def _forward(
@@ -508,6 +546,7 @@ class TorchBackend:
             "attention": self.attention,
             "first_token_last_layer": str(self.first_token_last_layer).lower(),
             "packed_batches": str(self.packed_graphs is not None).lower(),
+            "shared_prefix": str(self.shared_prefix).lower(),
             "cuda_graphs": str(len(graphs) if graphs is not None else 0),
             "threads": str(torch.get_num_threads()),
         }
