@@ -131,8 +131,8 @@ class Settings(BaseSettings):
         True,
         description=(
             "LLM rerankers on the CPU: the tokens every pair of a batch starts with (system prompt, instruction, "
-            "a request's query) run once and their keys and values serve every pair (1.15-1.35x pairs/s measured "
-            "with Qwen3-Reranker-0.6B's shape); checked against whole pairs at start. false = whole pairs."
+            "a request's query) run once and their keys and values serve every pair (1.1x pairs/s measured with "
+            "Qwen3-Reranker-0.6B's shape on 2 cores); checked against whole pairs at start. false = whole pairs."
         ),
     )
     packed_batches: bool = Field(

@@ -7,10 +7,11 @@ Builds (once, cached) random-weight models with the two published configs (Qwen3
 768), starts the real service (``python -m app``) for each in turn with the same settings, and drives both with
 the same RAGFlow-shaped requests (``bench/workloads.py``). Random weights cost exactly what trained ones cost.
 
-Printed per model and client count: pairs/s, tokens/s (every token the model runs, the LLM's prompt included),
-p50/p95 latency, and the LLM's pairs/s as a share of the cross-encoder's. The LLM's pair is its whole prompt (about
-70 tokens of system prompt, instruction and markers around the query and document), which is why it costs more
-than its parameter count alone says.
+Printed per model and client count: pairs/s, tokens/s (every token of every pair, the LLM's prompt included),
+p50/p95 latency, and the LLM's pairs/s as a share of the cross-encoder's. The LLM runs a second time with every
+pair whole (RERANKER_SHARE_PREFIX=false), so the shared prefix's gain is measured side by side. The LLM's pair is
+its whole prompt (about 70 tokens of system prompt, instruction and markers around the query and document), which
+is why it costs more than its parameter count alone says.
 """
 
 from __future__ import annotations
@@ -54,12 +55,17 @@ def percentile(values: list[float], share: float) -> float:
 
 
 def measure(
-    model_dir: Path, name: str, workdir: Path, args: argparse.Namespace, bodies: list[dict[str, Any]]
+    model_dir: Path,
+    name: str,
+    workdir: Path,
+    args: argparse.Namespace,
+    bodies: list[dict[str, Any]],
+    extra: dict[str, str],
 ) -> list[dict[str, Any]]:
     encoder = load_encoder(model_dir)
     tokens = [sum(len(pair) for pair in encoder.encode(str(body["query"]), body["documents"]).pairs) for body in bodies]
     raw = [json.dumps(body).encode() for body in bodies]
-    settings = {"RERANKER_LOG_LEVEL": "warning"}
+    settings = {"RERANKER_LOG_LEVEL": "warning", **extra}
     server = start_service(
         model_dir, workdir, device="cpu", workers=args.workers, ready_timeout=args.ready_timeout, settings=settings
     )
@@ -111,19 +117,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--ready-timeout", type=float, default=900)
+    parser.add_argument(
+        "--no-whole-pairs", action="store_true", help="skip the LLM with RERANKER_SHARE_PREFIX=false beside it"
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args.cache_dir.mkdir(parents=True, exist_ok=True)
-    models = {
-        "bge-reranker-base": ensure_model(args.cache_dir),
-        "Qwen3-Reranker-0.6B": ensure_qwen3_reranker(args.cache_dir),
-    }
+    qwen = ensure_qwen3_reranker(args.cache_dir)
+    runs: list[tuple[str, Path, dict[str, str]]] = [
+        ("bge-reranker-base", ensure_model(args.cache_dir), {}),
+        ("Qwen3-Reranker-0.6B", qwen, {}),
+    ]
+    if not args.no_whole_pairs:
+        runs.append(("Qwen3 (whole pairs)", qwen, {"RERANKER_SHARE_PREFIX": "false"}))
     bodies = WORKLOADS[args.workload].bodies(64)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as workdir:
-        for name, model_dir in models.items():
-            rows += measure(model_dir, name, Path(workdir), args, bodies)
+        for name, model_dir, extra in runs:
+            rows += measure(model_dir, name, Path(workdir), args, bodies, extra)
     print(f"\n{WORKLOADS[args.workload].description}; {os.cpu_count()} CPUs ({platform.processor() or 'cpu'})")
     print(
         f"{'model':<22}{'recipe':<16}{'dtype':<10}{'clients':>8}{'pairs/s':>10}{'tokens/s':>10}{'tok/pair':>10}"

@@ -265,6 +265,14 @@ def test_a_copy_named_after_the_model_is_recognised_without_its_card(llm_dirs: d
     assert info.recipe.name == "qwen3-reranker" and "directory is named" in info.recipe_evidence
     carded = inspect_model_dir(llm_dirs["qwen3-reranker"])
     assert "model card" in carded.recipe_evidence
+    # BAAI's card is titled "Reranker": its text names the model, whatever the directory is called
+    renamed = tmp_path / "my-reranker"
+    shutil.copytree(llm_dirs["bge-reranker-v2-gemma"], renamed)
+    info = inspect_model_dir(renamed)
+    assert (info.recipe.name, info.recipe_evidence) == (
+        "bge-reranker-gemma",
+        "its model card names BAAI/bge-reranker-v2-gemma",
+    )
 
 
 def test_the_self_check_refuses_a_construction_that_is_not_the_recipes(

@@ -7,11 +7,12 @@ Four things decide whether a published reranker works here, and each is checked 
 - ``config.json`` names an architecture the installed transformers implements (no remote code);
 - a scoring recipe fits it (``app/engine/recipes``): a plain ``*ForSequenceClassification`` encoder with one label
   (or two: not relevant / relevant) is a cross-encoder; an LLM reranker is recognised from its model card, config
-  and tokenizer (Qwen3-Reranker, bge-reranker-v2-gemma) or named by RERANKER_RECIPE; any other LLM is refused;
+  and tokenizer (Qwen3-Reranker, bge-reranker-v2-gemma, mxbai-rerank-v2) or named by RERANKER_RECIPE; any other LLM
+  is refused;
 - the tokenizer loads, and the service's own encoding of probe pairs gives exactly the ids (and type ids) of the
   recipe's reference: the tokenizer's pair encoding ``tokenizer(query, document)`` for a cross-encoder (what
   sentence-transformers' ``CrossEncoder`` and the model's training used), the model card's prompt encoded by the
-  model's own tokenizer for an LLM reranker.
+  model's own tokenizer for an LLM reranker (with and without an instruction).
 
 ``inspect_model_dir`` is what ``python -m app`` runs before gunicorn starts; ``load_pair_encoder`` is what an
 HTTP worker needs to tokenise without a copy of the weights; ``TorchBackend`` uses ``open_model_dir``.
@@ -46,7 +47,7 @@ SUPPORTED = (
     "plain *ForSequenceClassification cross-encoders that transformers implements: XLM-RoBERTa (bge-reranker-*), "
     "BERT/MiniLM (cross-encoder/ms-marco-*), ELECTRA, DeBERTa-v2 (mxbai-rerank-*-v1), ModernBERT "
     "(gte-reranker-modernbert-base); LLM rerankers with their published recipe: Qwen3-Reranker (causal or "
-    "*-seq-cls), bge-reranker-v2-gemma"
+    "*-seq-cls), bge-reranker-v2-gemma, mxbai-rerank-v2"
 )
 # Model types whose positions start after padding_idx: 514 position embeddings hold 512 tokens.
 OFFSET_POSITION_TYPES = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert"}

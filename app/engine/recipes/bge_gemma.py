@@ -49,6 +49,10 @@ class BgeRerankerGemma(PromptRecipe):
     def recognise(cls, files: ModelFiles) -> str | None:
         if files.model_type != "gemma" or files.architecture not in cls.architectures():
             return None
+        # BAAI's card is titled "Reranker"; its text names the model. No Gemma chat model's card does, and the
+        # sibling cards that list it in their tables (bge-reranker-v2-m3's) are not GemmaForCausalLM.
+        if f"BAAI/{MODEL_NAME}" in files.card:
+            return f"its model card names BAAI/{MODEL_NAME}"
         return files.evidence_for(MODEL_NAME)
 
     @classmethod

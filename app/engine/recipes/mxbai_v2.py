@@ -100,4 +100,5 @@ class MxbaiRerankV2(PromptRecipe):
         return self.one, self.zero
 
     def describe(self) -> dict[str, str]:
-        return {"recipe": self.name, "instruction": self.instruction(None) or ""}
+        given = self.instruction(None)  # none by default: the package adds no instruction line
+        return {"recipe": self.name, **({"instruction": given} if given else {})}
