@@ -63,22 +63,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tests.llm_reference import GEMMA_DEFAULT_PROMPT, QWEN3_DEFAULT_INSTRUCTION, QWEN3_PREFIX, QWEN3_SUFFIX
 from tests.model_factory import _training_text, make_words
 
 SCORE_STD = 1.5  # spread of a tiny model's score (z_yes - z_no, or z_Yes) over varied reranker prompts
-
-# --- the published prompts (the references in tests/llm_reference.py use the same strings) --------------------
-
-QWEN3_PREFIX = (
-    "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the Instruct "
-    'provided. Note that the answer can only be "yes" or "no".<|im_end|>\n<|im_start|>user\n'
-)
-QWEN3_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
-QWEN3_DEFAULT_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
-GEMMA_DEFAULT_PROMPT = (
-    "Given a query A and a passage B, determine whether the passage contains an answer to the query by providing "
-    "a prediction of either 'Yes' or 'No'."
-)
 
 
 def qwen3_format(query: str, doc: str, instruction: str | None = None) -> str:

@@ -39,6 +39,12 @@ GEMMA_DEFAULT_PROMPT = (
 Pair = tuple[str, str]
 
 
+def unpadded(inputs: Any) -> list[int]:
+    """The first row of a padded batch, its padding left out."""
+    mask = inputs["attention_mask"][0].bool()
+    return [int(token) for token in inputs["input_ids"][0][mask]]
+
+
 def _tokenizer(model_dir_or_tokenizer: Any, **kwargs: Any) -> Any:
     from transformers import AutoTokenizer
 
@@ -208,8 +214,7 @@ def gemma_flag_input_ids(
     """The token ids the card feeds the model for one pair, without the padding to a multiple of 8."""
     tokenizer = _tokenizer(model_dir_or_tokenizer, padding_side="left")
     inputs = get_inputs([(query, doc)], tokenizer, prompt=prompt, max_length=max_length)
-    mask = inputs["attention_mask"][0].bool()
-    return [int(token) for token in inputs["input_ids"][0][mask]]
+    return unpadded(inputs)
 
 
 @torch.no_grad()
@@ -308,8 +313,7 @@ def mxbai_v2_input_ids(
     inputs = mxbai_v2_inputs(
         tokenizer, [(query, doc)], instruction=instruction, max_length=max_length, model_max_length=model_max_length
     )
-    mask = inputs["attention_mask"][0].bool()
-    return [int(token) for token in inputs["input_ids"][0][mask]]
+    return unpadded(inputs)
 
 
 @torch.no_grad()

@@ -185,39 +185,44 @@ async def test_llm_pairs_score_the_same_batched_with_other_requests(llm_dirs: di
         np.testing.assert_allclose([d.relevance_score for d in outcome.documents], probabilities, atol=TOLERANCE)
 
 
-# --- bge-reranker-v2-gemma ---------------------------------------------------------------------------------------
+# --- bge-reranker-v2-gemma and mxbai-rerank-v2 -------------------------------------------------------------------
+
+# family: (architecture, recipe, the authors' scores, the authors' ids, an instruction to try)
+OTHER_FAMILIES: dict[str, tuple[str, str, Any, Any, str]] = {
+    "bge-reranker-v2-gemma": (
+        "GemmaForCausalLM",
+        "bge-reranker-gemma",
+        lambda model_dir, pairs, instruction: gemma_flag_scores(model_dir, pairs, prompt=instruction),
+        lambda model_dir, query, doc, instruction: gemma_flag_input_ids(model_dir, query, doc, prompt=instruction),
+        "Does passage B answer query A? Say 'Yes' or 'No'.",  # FlagEmbedding's prompt, replaced
+    ),
+    "mxbai-rerank-base-v2": (
+        "Qwen2ForCausalLM",
+        "mxbai-rerank-v2",
+        lambda model_dir, pairs, instruction: mxbai_v2_scores(model_dir, pairs, instruction=instruction),
+        lambda model_dir, query, doc, instruction: mxbai_v2_input_ids(model_dir, query, doc, instruction=instruction),
+        INSTRUCTION,  # mixedbread's "instruction:" line
+    ),
+}
 
 
-@pytest.mark.parametrize("prompt", [None, "Does passage B answer query A? Say 'Yes' or 'No'."])
-def test_gemma_reranker_scores_as_flag_embedding(llm_dirs: dict[str, Path], prompt: str | None) -> None:
-    model_dir = llm_dirs["bge-reranker-v2-gemma"]
+@pytest.mark.parametrize("with_instruction", [False, True])
+@pytest.mark.parametrize("family", sorted(OTHER_FAMILIES))
+def test_family_scores_as_its_authors_code(llm_dirs: dict[str, Path], family: str, with_instruction: bool) -> None:
+    """bge-reranker-v2-gemma as FlagEmbedding's model card scores it, mxbai-rerank-v2 as mixedbread's package."""
+    architecture, recipe, scores, input_ids, instruction = OTHER_FAMILIES[family]
+    instruction = instruction if with_instruction else None
+    model_dir = llm_dirs[family]
     backend = TorchBackend(float32_settings(model_dir))
     facts = backend.describe()
-    assert (facts["architecture"], facts["recipe"]) == ("GemmaForCausalLM", "bge-reranker-gemma")
-    reference = gemma_flag_scores(model_dir, pairs_of(QUERY, DOCUMENTS), prompt=prompt)
-    assert np.ptp(reference) > 0.5, "the fixture's scores must differ for the comparison to mean anything"
-    request = backend.encoder.encode(QUERY, DOCUMENTS, instruction=prompt)
-    for document, pair in zip(DOCUMENTS, request.pairs, strict=True):
-        assert list(pair.input_ids) == gemma_flag_input_ids(model_dir, QUERY, document, prompt=prompt)
-    np.testing.assert_allclose(backend.forward(request.pairs), reference, atol=TOLERANCE)
-    np.testing.assert_allclose([backend.forward([p])[0] for p in request.pairs], reference, atol=TOLERANCE)
-
-
-# --- mxbai-rerank-v2 ---------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("instruction", [None, INSTRUCTION])
-def test_mxbai_rerank_v2_scores_as_mixedbreads_package(llm_dirs: dict[str, Path], instruction: str | None) -> None:
-    model_dir = llm_dirs["mxbai-rerank-base-v2"]
-    backend = TorchBackend(float32_settings(model_dir))
-    facts = backend.describe()
-    assert (facts["architecture"], facts["recipe"]) == ("Qwen2ForCausalLM", "mxbai-rerank-v2")
-    reference = mxbai_v2_scores(model_dir, pairs_of(QUERY, DOCUMENTS), instruction=instruction)
+    assert (facts["architecture"], facts["recipe"]) == (architecture, recipe)
+    reference = scores(model_dir, pairs_of(QUERY, DOCUMENTS), instruction)
     assert np.ptp(reference) > 0.5, "the fixture's scores must differ for the comparison to mean anything"
     request = backend.encoder.encode(QUERY, DOCUMENTS, instruction=instruction)
     for document, pair in zip(DOCUMENTS, request.pairs, strict=True):
-        assert list(pair.input_ids) == mxbai_v2_input_ids(model_dir, QUERY, document, instruction=instruction)
+        assert list(pair.input_ids) == input_ids(model_dir, QUERY, document, instruction)
     np.testing.assert_allclose(backend.forward(request.pairs), reference, atol=TOLERANCE)
+    np.testing.assert_allclose([backend.forward([p])[0] for p in request.pairs], reference, atol=TOLERANCE)
 
 
 # --- recognition and refusal -------------------------------------------------------------------------------------
