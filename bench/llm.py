@@ -1,6 +1,6 @@
 """An LLM reranker beside a cross-encoder, over HTTP: Qwen3-Reranker-0.6B's shape against bge-reranker-base's.
 
-    python -m bench.llm [--clients 1,4] [--duration 30] [--workload target] [--json PATH]
+    python -m bench.llm [--clients 1,4] [--duration 30] [--workload target] [--device cpu|cuda] [--json PATH]
 
 Builds (once, cached) random-weight models with the two published configs (Qwen3-Reranker-0.6B: Qwen3ForCausalLM,
 28 layers, hidden 1024, its Qwen2 tokenizer layout and prompt; bge-reranker-base: XLM-RoBERTa, 12 layers, hidden
@@ -67,7 +67,12 @@ def measure(
     raw = [json.dumps(body).encode() for body in bodies]
     settings = {"RERANKER_LOG_LEVEL": "warning", **extra}
     server = start_service(
-        model_dir, workdir, device="cpu", workers=args.workers, ready_timeout=args.ready_timeout, settings=settings
+        model_dir,
+        workdir,
+        device=args.device,
+        workers=args.workers,
+        ready_timeout=args.ready_timeout,
+        settings=settings,
     )
     rows = []
     try:
@@ -115,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-requests", type=int, default=200)
     parser.add_argument("--workload", default="target", choices=sorted(WORKLOADS))
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu", help="RERANKER_DEVICE for both")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--ready-timeout", type=float, default=900)
     parser.add_argument(
@@ -136,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as workdir:
         for name, model_dir, extra in runs:
             rows += measure(model_dir, name, Path(workdir), args, bodies, extra)
-    print(f"\n{WORKLOADS[args.workload].description}; {os.cpu_count()} CPUs ({platform.processor() or 'cpu'})")
+    where = f"{os.cpu_count()} CPUs ({platform.processor() or 'cpu'})" if args.device == "cpu" else args.device
+    print(f"\n{WORKLOADS[args.workload].description}; {where}")
     print(
         f"{'model':<22}{'recipe':<16}{'dtype':<10}{'clients':>8}{'pairs/s':>10}{'tokens/s':>10}{'tok/pair':>10}"
         f"{'p50 ms':>10}{'p95 ms':>10}{'errors':>8}"
