@@ -289,6 +289,23 @@ def test_the_self_check_refuses_a_construction_that_is_not_the_recipes(
         open_model_dir(llm_dirs["qwen3-reranker"], max_length=512, max_query_share=0.5)
 
 
+def test_a_scorer_that_disagrees_with_transformers_is_refused_at_load(
+    llm_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Reading the second-to-last token instead of the last: what a padding or mask mistake would look like.
+    from app.engine import last_token
+
+    def read_one_early(self: Any, hidden: Any, attention_mask: Any) -> Any:
+        return original(
+            self, hidden, attention_mask - (attention_mask.cumsum(-1) == attention_mask.sum(-1, keepdim=True)).long()
+        )
+
+    original = last_token.LastTokenScorer._read
+    monkeypatch.setattr(last_token.LastTokenScorer, "_read", read_one_early)
+    with pytest.raises(ModelLoadError, match=r"moved a probe logit .* against transformers' own model: refusing"):
+        TorchBackend(float32_settings(llm_dirs["qwen3-reranker"]))
+
+
 def test_an_instruction_setting_is_refused_for_a_cross_encoder(tiny_model_dir: Path) -> None:
     with pytest.raises(ModelLoadError, match=r"RERANKER_INSTRUCTION is set.*cross-encoder"):
         inspect_model_dir(tiny_model_dir, instruction="anything")

@@ -317,14 +317,9 @@ class TorchBackend:
             model = self._load_default_attention(path)
         except Exception as error:
             raise ModelLoadError(_load_failure(path, error)) from None
-        if self.info.decoder:
-            # One logit per pair at the last real token (last_token.py); the vocabulary-wide head goes.
-            answer = self.info.recipe.answer_tokens() if self.info.architecture.endswith("ForCausalLM") else None
-            try:
-                model = LastTokenScorer(model, answer)
-            except ValueError as error:
-                raise ModelLoadError(f"cannot score the model in {path} with its recipe: {error}") from None
         model.to(self.device).eval()
+        if self.info.decoder:
+            model = self._last_token_scorer(model, path)
         logger.info(
             "loaded %s (recipe %s: %s; labels %s, max length %d) from %s on %s (weights %s, matrix products %s, "
             "attention %s) in %.1fs",
@@ -341,6 +336,39 @@ class TorchBackend:
             time.perf_counter() - started,
         )
         return model
+
+    def _last_token_scorer(self, model: Any, path: Path) -> LastTokenScorer:
+        """The decoder as one logit per pair (last_token.py; the vocabulary-wide head goes), refused unless it
+        gives, on right-padded probe pairs, the logits transformers' own model gives each pair alone."""
+        answer = self.info.recipe.answer_tokens() if self.info.architecture.endswith("ForCausalLM") else None
+        probe = self._padded_probe()
+        with torch.inference_mode(), self._autocast():
+            expected = []
+            for pair in probe:
+                logits = model(input_ids=torch.tensor([list(pair.input_ids)], device=self.device)).logits.float()
+                if answer is None:  # a *ForSequenceClassification: its own pooled logits
+                    row = logits[0]
+                    expected.append(float(row[1] - row[0]) if row.shape[0] == 2 else float(row[0]))
+                else:
+                    last = logits[0, -1]
+                    expected.append(float(last[answer[0]] - (last[answer[1]] if answer[1] is not None else 0.0)))
+        try:
+            scorer = LastTokenScorer(model, answer).to(self.device).eval()
+        except ValueError as error:
+            raise ModelLoadError(f"cannot score the model in {path} with its recipe: {error}") from None
+        self.model = scorer  # what _forward runs
+        scored = np.array(self._forward(probe, scorer))
+        difference = float(np.abs(scored - np.array(expected)).max())
+        # The same arithmetic but for the padding (masked) and the one-row head: rounding apart.
+        if not difference <= (1e-3 if self.weights_dtype == torch.float32 else 3e-2) * max(
+            1.0, max(map(abs, expected))
+        ):
+            raise ModelLoadError(
+                f"the {self.info.recipe.name} scorer of the model in {path} moved a probe logit by {difference:.3g} "
+                "against transformers' own model: refusing to serve wrong scores; fix: report this model and "
+                "transformers version"
+            )
+        return scorer
 
     def _load_default_attention(self, path: Path) -> Any:
         try:
