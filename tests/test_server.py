@@ -342,6 +342,35 @@ def test_ragflow_model_discovery(live_server: ServerProcess, provider: str, base
     assert models[0]["architecture"] == "XLMRobertaForSequenceClassification"
 
 
+def ragflow_huggingface_models(base_url: str) -> list[dict[str, object]]:
+    """RAGFlow's "add model" discovery for its HuggingFace provider (rag/llm/model_meta.py, class HuggingFace, at
+    infiniflow/ragflow b1b8cd6): GET base.rstrip("/") + "/info" with no key, then its own parsing, as written."""
+    answer = httpx.get(base_url.rstrip("/") + "/info", timeout=10)
+    assert answer.status_code == 200, (base_url, answer.text)
+    raw_model_list = answer.json()
+    model_type = raw_model_list.get("model_type")
+    if isinstance(model_type, dict):  # _infer_model_types_from_info, TEI format
+        model_types = ["embedding"] if "embedding" in model_type else ["rerank"] if "rerank" in model_type else []
+    elif isinstance(model_type, str):
+        model_types = ["embedding"] if "embedding" in model_type.lower() else ["chat"]
+    else:
+        model_types = []
+    model_id = raw_model_list.get("model_id")
+    if not model_id or not model_types:
+        return []
+    max_tokens = raw_model_list.get("max_input_length") or raw_model_list.get("max_total_tokens") or 8192
+    return [{"name": model_id, "model_types": model_types, "features": [], "max_tokens": max_tokens}]
+
+
+@pytest.mark.parametrize("base_path", ["/v1", "/v1/", ""])
+def test_ragflow_huggingface_discovery_at_every_recommended_base(live_server: ServerProcess, base_path: str) -> None:
+    # The README recommends http://bge-reranker:9300/v1 for every provider; RAGFlow's HuggingFace provider then
+    # asks /v1/info, and reranks at /v1/rerank.
+    assert ragflow_huggingface_models(live_server.base_url + base_path) == [
+        {"name": "bge-reranker-base-local", "model_types": ["rerank"], "features": [], "max_tokens": 512}
+    ]
+
+
 def test_tei_info_for_ragflow_huggingface_provider(live_server: ServerProcess) -> None:
     # RAGFlow's HuggingFace provider sends no Authorization header and looks for a "rerank" key in model_type.
     info = httpx.get(live_server.base_url + "/info", timeout=10).json()

@@ -43,6 +43,8 @@ SEED_PATHS = {"/v1/rerank", "/rerank", "/v1", "/", "/v1/v1/rerank"}
 NVIDIA_PATHS = ("/v1/reranking", "/reranking", "/v1/ranking", "/ranking")
 # RAGFlow appends /v1/models to a base URL that may already end in /v1.
 MODEL_PATHS = ("/v1/models", "/models", "/v1/v1/models")
+# TEI's discovery: RAGFlow's HuggingFace provider asks base + "/info", and the README's base URL ends in /v1.
+INFO_PATHS = ("/info", "/v1/info")
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorEnvelope} for status in (400, 401, 413, 415, 422, 429, 500, 503)
@@ -212,7 +214,6 @@ for _path, _visible in _with_slash_variants(MODEL_PATHS):
     )
 
 
-@router.get("/info", response_model=TeiInfo, tags=["models"])
 async def info(service: ServiceDep, settings: SettingsDep, request: Request) -> TeiInfo:
     """TEI's model information, for RAGFlow's HuggingFace provider. Guarded like every model route: that
     provider sends no key, so it is used with RERANKER_API_KEY unset, for /info as for /rerank."""
@@ -231,6 +232,18 @@ async def info(service: ServiceDep, settings: SettingsDep, request: Request) -> 
         tokenization_workers=2,
         version=__version__,
         recipe=card.recipe,
+    )
+
+
+for _path, _visible in _with_slash_variants(INFO_PATHS):
+    router.add_api_route(
+        _path,
+        info,
+        methods=["GET"],
+        include_in_schema=_visible and _path == "/info",
+        response_model=TeiInfo,
+        summary="TEI's model information",
+        tags=["models"],
     )
 
 
