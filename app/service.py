@@ -331,7 +331,11 @@ class RerankService:
 
     @staticmethod
     def _encode_and_pack(
-        encoder: PairEncoder, query: str, documents: Sequence[str], policy: WindowPolicy, instruction: str | None
+        encoder: PairEncoder,
+        query: str,
+        documents: Sequence[str],
+        policy: WindowPolicy,
+        instruction: str | None = None,
     ) -> tuple[EncodedRequest, PackedPairs]:
         encoded = encoder.encode(query, documents, policy, instruction=instruction)
         return encoded, pack_pairs(encoded.pairs)

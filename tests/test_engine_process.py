@@ -105,9 +105,11 @@ class TestEncodeParts:
         sizes: list[int] = []
         encode_and_pack = RerankService._encode_and_pack
 
-        def counted(encoder: PairEncoder, query: str, documents: Sequence[str], policy: WindowPolicy) -> Any:
+        def counted(
+            encoder: PairEncoder, query: str, documents: Sequence[str], policy: WindowPolicy, instruction: str | None
+        ) -> Any:
             sizes.append(len(documents))
-            return encode_and_pack(encoder, query, documents, policy)
+            return encode_and_pack(encoder, query, documents, policy, instruction)
 
         monkeypatch.setattr(service, "_encode_and_pack", counted)
         documents = [f"document number {n}" for n in range(64)]
