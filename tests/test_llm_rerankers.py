@@ -268,6 +268,15 @@ def test_a_copy_named_after_the_model_is_recognised_without_its_card(llm_dirs: d
     named = copy_without_card(llm_dirs["qwen3-reranker"], tmp_path / "Qwen3-Reranker-0___6B")  # ModelScope's name
     info = inspect_model_dir(named)
     assert info.recipe.name == "qwen3-reranker" and "directory is named" in info.recipe_evidence
+    cached = tmp_path / "models--Qwen--Qwen3-Reranker-0.6B" / "snapshots" / "6a5829f0"  # a Hugging Face cache
+    cached.parent.mkdir(parents=True)
+    copy_without_card(llm_dirs["qwen3-reranker"], cached)
+    assert "models--Qwen--Qwen3-Reranker-0.6B" in inspect_model_dir(cached).recipe_evidence
+    # a folder named after rerankers says nothing about a chat model inside it
+    folder = tmp_path / "qwen3-reranker-models"
+    folder.mkdir()
+    with pytest.raises(ModelLoadError, match="recipe is unknown"):
+        inspect_model_dir(copy_without_card(llm_dirs["qwen3-chat"], folder / "Qwen3-0.6B"))
     carded = inspect_model_dir(llm_dirs["qwen3-reranker"])
     assert "model card" in carded.recipe_evidence
     # BAAI's card is titled "Reranker": its text names the model, whatever the directory is called

@@ -62,6 +62,15 @@ def _normalised(text: str) -> str:
     return re.sub(r"[\s_.]+", "-", text.lower())
 
 
+def directory_names(path: Path) -> list[str]:
+    """The names a download gives a model directory: its own (as mounted, and behind a link such as the fetcher's
+    ``current``), and a Hugging Face cache's ``models--org--name`` above ``snapshots/<commit>``. Not any other
+    ancestor: a folder of models named after one says nothing about its neighbours."""
+    names = [path.name, path.resolve().name]
+    names += [part for part in path.resolve().parts[-3:] if part.startswith("models--")]
+    return list(dict.fromkeys(names))
+
+
 @dataclass(frozen=True)
 class ModelFiles:
     """What recognition reads, before any weight is loaded: config.json, the model card and the tokenizer."""
@@ -94,9 +103,9 @@ class ModelFiles:
         for name in base if isinstance(base, list) else [base]:
             if isinstance(name, str) and wanted in _normalised(name):
                 return f"its model card's base_model is {name}"
-        for part in reversed(self.path.resolve().parts[-3:]):
-            if wanted in _normalised(part):
-                return f"its directory is named {part!r}"
+        for name in directory_names(self.path):
+            if wanted in _normalised(name):
+                return f"its directory is named {name!r}"
         return None
 
 
