@@ -137,12 +137,7 @@ class LastTokenScorer(torch.nn.Module):
             layer.update = prefix_then(layer.keys, layer.values, rows)
         keys = torch.cat([attention_mask.new_ones(rows, prefix), attention_mask], dim=1)
         # Query i (at position P + i) sees every prefix key and the rest's real keys up to itself.
-        allowed = causal_mask(keys, additive_dtype=None)[:, :, prefix:, :]
-        dtype = self._additive_dtype()
-        mask: torch.Tensor = allowed
-        if dtype is not None:
-            mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-            mask = mask.masked_fill(~allowed, torch.finfo(dtype).min)
+        mask = causal_mask(keys, additive_dtype=self._additive_dtype())[:, :, prefix:, :]
         positions = torch.arange(prefix, prefix + input_ids.shape[1], device=input_ids.device)[None]
         output = decoder(
             input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **{keyword: cache}
