@@ -1,6 +1,7 @@
 """An LLM reranker beside a cross-encoder, over HTTP: Qwen3-Reranker-0.6B's shape against bge-reranker-base's.
 
     python -m bench.llm [--clients 1,4] [--duration 30] [--workload target] [--device cpu|cuda] [--json PATH]
+    python -m bench.llm --backend-only 100,200      # the shared prefix against whole pairs, in the backend alone
 
 Builds (once, cached) random-weight models with the two published configs (Qwen3-Reranker-0.6B: Qwen3ForCausalLM,
 28 layers, hidden 1024, its Qwen2 tokenizer layout and prompt; bge-reranker-base: XLM-RoBERTa, 12 layers, hidden
@@ -113,6 +114,33 @@ def measure(
     return rows
 
 
+def backend_side_by_side(model_dir: Path, words: list[int], repeats: int) -> None:
+    """The shared prefix through the backend alone: 16 pairs of ~``n`` words each, whole and shared, side by side
+    (three timed passes each after one untimed), in the service's own TorchBackend with its default dtype."""
+    from app.config import Settings
+    from app.engine.torch_backend import TorchBackend
+    from tests.model_factory import make_words
+
+    backends = {on: TorchBackend(Settings(model_path=model_dir, share_prefix=on)) for on in (True, False)}
+    print(f"\nthe backend alone, {backends[True].describe()['dtype']}, 16 pairs a pass, median of {repeats}")
+    for count in words:
+        documents = [make_words(int(count * (0.5 + i / 16)), seed=i) for i in range(16)]
+        medians = {}
+        for on, backend in backends.items():
+            pairs = sorted(backend.encoder.encode(make_words(12, seed=99), documents).pairs, key=len)
+            backend.forward(pairs)
+            times = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                backend.forward(pairs)
+                times.append(time.perf_counter() - started)
+            medians[on] = statistics.median(times)
+        print(
+            f"~{count} words: whole pairs {medians[False]:.2f} s, shared prefix {medians[True]:.2f} s, "
+            f"{medians[False] / medians[True]:.2f}x"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.llm", description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--clients", type=lambda text: [int(n) for n in text.split(",")], default=[1, 4])
@@ -126,11 +154,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-whole-pairs", action="store_true", help="skip the LLM with RERANKER_SHARE_PREFIX=false beside it"
     )
+    parser.add_argument(
+        "--backend-only",
+        type=lambda text: [int(n) for n in text.split(",")],
+        metavar="WORDS",
+        help="instead of HTTP: the shared prefix against whole pairs in the backend alone, for documents of "
+        "about these many words (e.g. 100,200)",
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="with --backend-only: timed passes each")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args.cache_dir.mkdir(parents=True, exist_ok=True)
     qwen = ensure_qwen3_reranker(args.cache_dir)
+    if args.backend_only:
+        backend_side_by_side(qwen, args.backend_only, args.repeats)
+        return 0
     runs: list[tuple[str, Path, dict[str, str]]] = [
         ("bge-reranker-base", ensure_model(args.cache_dir), {}),
         ("Qwen3-Reranker-0.6B", qwen, {}),

@@ -114,6 +114,18 @@ def test_a_shared_prefix_scores_as_whole_pairs(llm_dirs: dict[str, Path]) -> Non
         np.testing.assert_allclose(shared.forward(pairs), whole.forward(pairs), atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["qwen3-reranker", "qwen3-reranker-seq-cls", "bge-reranker-v2-gemma"])
+def test_bfloat16_on_the_cpu_loads_and_stays_close_to_float32(llm_dirs: dict[str, Path], family: str) -> None:
+    """What RERANKER_DTYPE=auto runs on CPUs with bf16 matrix instructions: float32 weights under bf16 autocast,
+    the head row in float32. Its load-time check compares with transformers' own model in the same precision."""
+    model_dir = llm_dirs[family]
+    bf16 = TorchBackend(Settings(model_path=model_dir, dtype="bfloat16", torch_compile="off", torch_threads=1))
+    reference = TorchBackend(float32_settings(model_dir))
+    assert bf16.describe()["dtype"] == "bfloat16"
+    pairs = reference.encoder.encode(QUERY, DOCUMENTS).pairs
+    assert np.abs(sigmoid(bf16.forward(pairs)) - sigmoid(reference.forward(pairs))).max() < 0.02
+
+
 def test_the_instruction_changes_the_scores(llm_dirs: dict[str, Path]) -> None:
     backend = TorchBackend(float32_settings(llm_dirs["qwen3-reranker"]))
     default = backend.forward(backend.encoder.encode(QUERY, DOCUMENTS).pairs)
