@@ -17,8 +17,9 @@ within a request, the query too). ``forward_shared`` runs that common prefix onc
 of every pair against its keys and values, with positions continuing after it: the same arithmetic for every
 token a score depends on, on fewer tokens. Measured through the backend with Qwen3-Reranker-0.6B's shape on 2 CPU
 cores in bf16 (16 documents of ~100 and ~200 words, an ~80-token prefix; ``python -m bench.llm --backend-only
-100,200``): 1.11x and 1.10-1.26x the pairs/s of whole pairs, scores equal within 1e-5 in float32 (tests). The cache keeps nothing between layers: a growing one made the
-same pass 0.85x whole pairs (README, "LLM rerankers").
+100,200``): 1.11x and 1.10-1.26x the pairs/s of whole pairs, scores equal within 1e-5 in float32 (tests). The
+cache keeps nothing between layers: a growing one made the same pass 0.85x whole pairs (README, "LLM rerankers on
+the CPU").
 """
 
 from __future__ import annotations
