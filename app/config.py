@@ -93,8 +93,8 @@ class Settings(BaseSettings):
     instruction: str | None = Field(
         None,
         description=(
-            "The instruction LLM rerankers that take one are given when a request sends none (Qwen3-Reranker's "
-            "<Instruct>, bge-reranker-v2-gemma's prompt); unset = the model card's default."
+            "The instruction LLM rerankers are given when a request sends none (Qwen3-Reranker's <Instruct>, "
+            "mxbai-rerank-v2's instruction line, bge-reranker-v2-gemma's prompt); unset = the model's own default."
         ),
     )
     device: Device = Field(Device.auto, description="auto picks CUDA when a GPU is visible, else the CPU.")

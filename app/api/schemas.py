@@ -86,8 +86,8 @@ class RerankRequest(BaseModel):
         None,
         max_length=4096,
         description=(
-            "LLM rerankers that take one (Qwen3-Reranker's <Instruct>, bge-reranker-v2-gemma's prompt): replaces the "
-            "default instruction for this request. A model that takes none answers 422."
+            "LLM rerankers (Qwen3-Reranker's <Instruct>, mxbai-rerank-v2's instruction line, bge-reranker-v2-gemma's "
+            "prompt): replaces the default instruction for this request. A model that takes none answers 422."
         ),
     )
 
@@ -313,7 +313,7 @@ class ModelCard(BaseModel):
     dtype: str | None = Field(None, description="The dtype of the matrix products: float16, bfloat16, float32.")
     device: str | None = Field(None, description="cuda, cuda:N or cpu.")
     recipe: str | None = Field(
-        None, description="How pairs are scored: cross-encoder, qwen3-reranker or bge-reranker-gemma."
+        None, description="How pairs are scored: cross-encoder, qwen3-reranker, bge-reranker-gemma or mxbai-rerank-v2."
     )
     instruction: str | None = Field(None, description="An LLM reranker's default instruction (its recipe's).")
 

@@ -48,7 +48,7 @@ from app.config import Compile, Device, DType, Settings, model_dir_problem
 from app.cpus import usable_cpus
 from app.engine.base import EncodedPair, padded_tokens, write_padded
 from app.engine.cuda_graphs import CudaGraphs
-from app.engine.first_token import prune_last_layer, restore_last_layer
+from app.engine.first_token import FIRST_TOKEN_HEADS, prune_last_layer, restore_last_layer
 from app.engine.last_token import MIN_SHARED_PREFIX, LastTokenScorer, common_prefix
 from app.engine.model_dir import ModelLoadError, encoder_settings, open_model_dir
 from app.engine.packed import PackedGraphs, PackedModel, packable
@@ -216,6 +216,8 @@ class TorchBackend:
     def _prune_last_layer(self) -> bool:
         """Run the last layer for the first token only (first_token.py) if the model is laid out for it and a
         probe batch scores the same both ways; otherwise leave the model as it was."""
+        if getattr(self.model.config, "model_type", None) not in FIRST_TOKEN_HEADS:
+            return False  # no first-token head (DeBERTa, ModernBERT, LLM rerankers): no probe pass to pay for
         probe = self._padded_probe()
         full = np.array(self._forward(probe, self.model, autocast=False))
         original = prune_last_layer(self.model, float32_path=self.weights_dtype != self.dtype)
@@ -246,6 +248,11 @@ class TorchBackend:
             return False
         return True
 
+    def _probe_tolerance(self, reference: np.ndarray) -> float:
+        """How far a decoder's probe logits may move between two ways of computing the same arithmetic: rounding
+        in the dtype of the matrix products."""
+        return (1e-3 if self.dtype == torch.float32 else 3e-2) * max(1.0, float(np.abs(reference).max()))
+
     def _check_shared_prefix(self) -> bool:
         """Whether running a batch's common prefix once scores a probe batch as whole pairs do."""
         probe = self._padded_probe()
@@ -256,8 +263,7 @@ class TorchBackend:
             logger.warning("a shared prefix failed on a probe batch (%s: %s); whole pairs", type(error).__name__, error)
             return False
         difference = float(np.abs(shared - whole).max())
-        tolerance = (1e-3 if self.dtype == torch.float32 else 3e-2) * max(1.0, float(np.abs(whole).max()))
-        if not difference <= tolerance:
+        if not difference <= self._probe_tolerance(whole):
             logger.warning("a shared prefix moved a probe logit by %.3g; whole pairs", difference)
             return False
         return True
@@ -265,14 +271,9 @@ class TorchBackend:
     def _forward_shared(self, pairs: Sequence[EncodedPair], shared: int) -> list[float]:
         """Scores of ``pairs``, whose first ``shared`` tokens are the same, that prefix run once."""
         prefix = torch.tensor([list(pairs[0].input_ids[:shared])], dtype=torch.long, device=self.device)
-        rests = [EncodedPair(pair.input_ids[shared:], pair.type_ids[shared:]) for pair in pairs]
-        shape = (len(rests), max(len(rest) for rest in rests))
-        input_ids, attention = np.empty(shape, dtype=np.int64), np.empty(shape, dtype=np.int64)
-        write_padded(rests, input_ids, attention, None, pad_id=self.pad_id)
+        rests = self._padded_inputs([EncodedPair(pair.input_ids[shared:], pair.type_ids[shared:]) for pair in pairs])
         with torch.inference_mode(), self._autocast():
-            output = self.model.forward_shared(
-                prefix, torch.from_numpy(input_ids).to(self.device), torch.from_numpy(attention).to(self.device)
-            )
+            output = self.model.forward_shared(prefix, rests["input_ids"], rests["attention_mask"])
         return self._scores(output.logits)
 
     def _compiled_model(self) -> Callable[..., Any]:
@@ -361,8 +362,7 @@ class TorchBackend:
         difference = float(np.abs(scored - np.array(expected)).max())
         # The same arithmetic but for the padding (masked) and the one-row head (float32 here; under bf16 autocast
         # transformers' vocabulary head rounds its logits to bf16): rounding apart.
-        tolerance = (1e-3 if self.dtype == torch.float32 else 3e-2) * max(1.0, max(map(abs, expected)))
-        if not difference <= tolerance:
+        if not difference <= self._probe_tolerance(np.array(expected)):
             raise ModelLoadError(
                 f"the {self.info.recipe.name} scorer of the model in {path} moved a probe logit by {difference:.3g} "
                 "against transformers' own model: refusing to serve wrong scores; fix: report this model and "
@@ -412,6 +412,16 @@ class TorchBackend:
             replayed = self.graphs.run(pairs)
             if replayed is not None:
                 return self._scores(replayed)
+        inputs = self._padded_inputs(pairs)
+        if run is not self.model:
+            for tensor in inputs.values():
+                # Any batch size, 1 included, reuses the one compiled graph (no 0/1 specialisation).
+                torch._dynamo.decorators.mark_unbacked(tensor, 0)
+        with torch.inference_mode(), self._autocast() if autocast else contextlib.nullcontext():
+            return self._scores(run(**inputs).logits)
+
+    def _padded_inputs(self, pairs: Sequence[EncodedPair]) -> dict[str, torch.Tensor]:
+        """The model's inputs for ``pairs`` padded to their own longest, on the device."""
         shape = (len(pairs), max(len(pair) for pair in pairs))
         input_ids, attention = np.empty(shape, dtype=np.int64), np.empty(shape, dtype=np.int64)
         types = np.empty(shape, dtype=np.int64) if self.uses_type_ids else None
@@ -422,12 +432,7 @@ class TorchBackend:
         }
         if types is not None:
             inputs["token_type_ids"] = torch.from_numpy(types).to(self.device, non_blocking=True)
-        if run is not self.model:
-            for tensor in inputs.values():
-                # Any batch size, 1 included, reuses the one compiled graph (no 0/1 specialisation).
-                torch._dynamo.decorators.mark_unbacked(tensor, 0)
-        with torch.inference_mode(), self._autocast() if autocast else contextlib.nullcontext():
-            return self._scores(run(**inputs).logits)
+        return inputs
 
     def _scores(self, logits: torch.Tensor) -> list[float]:
         logits = logits.float()  # float32 before the sigmoid: no bf16/fp16 ties

@@ -53,9 +53,9 @@ class Qwen3Reranker(PromptRecipe):
                 "recipe reads: this is not a Qwen3-Reranker tokenizer"
             )
         self.yes, self.no = int(vocab["yes"]), int(vocab["no"])
-        self._prefix = tuple(self.encode_text(PREFIX))
-        self._suffix = tuple(self.encode_text(SUFFIX))
-        self._template = PairTemplate(prefix=self._prefix, middle=(), suffix=self._suffix)
+        self._template = PairTemplate(
+            prefix=tuple(self.encode_text(PREFIX)), middle=(), suffix=tuple(self.encode_text(SUFFIX))
+        )
 
     @classmethod
     def recognise(cls, files: ModelFiles) -> str | None:
