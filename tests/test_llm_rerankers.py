@@ -242,7 +242,7 @@ def test_family_scores_as_its_authors_code(llm_dirs: dict[str, Path], family: st
 
 def copy_without_card(source: Path, target: Path) -> Path:
     shutil.copytree(source, target)
-    (target / "README.md").unlink()
+    (target / "README.md").unlink(missing_ok=True)  # mxbai-rerank-v2's fixture carries none
     return target
 
 
@@ -261,6 +261,20 @@ def test_a_chat_llm_is_refused_with_one_line_naming_the_setting(llm_dirs: dict[s
     )
     assert checked.returncode == 2
     assert checked.stderr.strip().count("\n") == 0 and "RERANKER_RECIPE" in checked.stderr
+
+
+@pytest.mark.parametrize(
+    ("family", "name"),
+    [("bge-reranker-v2-gemma", "gemma-2b"), ("mxbai-rerank-base-v2", "Qwen2.5-0.5B-Instruct")],
+)
+def test_every_touched_family_refuses_its_plain_llm(
+    llm_dirs: dict[str, Path], tmp_path: Path, family: str, name: str
+) -> None:
+    """The same architecture and tokenizer as a recognised reranker, without its card or name: a base or chat LLM
+    (Gemma, Qwen2) is refused, not scored with a guessed recipe."""
+    plain = copy_without_card(llm_dirs[family], tmp_path / name)
+    with pytest.raises(ModelLoadError, match=r"recipe is unknown.*RERANKER_RECIPE"):
+        inspect_model_dir(plain)
 
 
 def test_a_seq_cls_llm_without_evidence_is_refused_and_the_setting_forces_the_recipe(
