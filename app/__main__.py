@@ -16,6 +16,7 @@ minutes, each time printing the same line.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -24,7 +25,7 @@ import sys
 import time
 import traceback
 
-from app.config import Settings, SettingsError, load_settings
+from app.config import Device, EngineMode, Settings, SettingsError, http_workers, load_settings
 
 # Inside the package, so an installed package (pip install ., the console script) finds it wherever it runs.
 GUNICORN_CONFIG = "python:app.gunicorn_conf"
@@ -36,18 +37,36 @@ class PreflightError(Exception):
 
 
 def preflight(settings: Settings) -> str:
-    """Check the model directory; return a one-line description of what will be served, or raise PreflightError."""
+    """Check every model directory, and on a CPU host that the models fit in its memory; return a one-line
+    description of what will be served, or raise PreflightError."""
     from app.engine.model_dir import ModelLoadError, encoder_settings, inspect_model_dir
 
-    model_path = settings.model_path
-    try:
-        info = inspect_model_dir(model_path, **encoder_settings(settings))
-    except ModelLoadError as error:
-        raise PreflightError(str(error)) from None
-    return (
-        f"model directory {model_path}: {info.architecture}, max_length {info.max_length}, {info.tokenizer_class}, "
-        f"recipe {info.recipe.name} ({info.recipe_evidence})"
-    )
+    served = settings.served_models()
+    summaries = []
+    for model in served:
+        try:
+            info = inspect_model_dir(model.path, **encoder_settings(settings))
+        except ModelLoadError as error:
+            raise PreflightError(f"model {model.name}: {error}" if len(served) > 1 else str(error)) from None
+        summary = (
+            f"model directory {model.path}: {info.architecture}, max_length {info.max_length}, "
+            f"{info.tokenizer_class}, recipe {info.recipe.name} ({info.recipe_evidence})"
+        )
+        summaries.append(f"{model.name} = {summary}" if len(served) > 1 else summary)
+    if not gpu_device_nodes() or settings.device is Device.cpu:
+        # A GPU's free memory is measured by the engine process that holds the models, before it loads them.
+        from app.engine.memory import MemoryRefusal, check_models_fit, cpu_copies
+
+        workers = http_workers(settings, engines=settings.engine is EngineMode.process)
+        try:
+            check_models_fit(settings, where="start-up", device="cpu", copies=cpu_copies(settings, workers))
+        except MemoryRefusal as error:
+            raise PreflightError(str(error)) from None
+    return "; ".join(summaries)
+
+
+def gpu_device_nodes() -> bool:
+    return bool(glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/nvidiactl"))
 
 
 def _fail(message: str, *, debug: bool) -> None:
@@ -86,7 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as error:  # a check that crashed is still one line, with the traceback on request
         detail = " ".join(str(error).split())[:300]
         _fail(
-            f"checking the model directory {settings.model_path} failed: {type(error).__name__}: {detail} "
+            f"checking the model directories ({', '.join(str(model.path) for model in settings.served_models())}) "
+            f"failed: {type(error).__name__}: {detail} "
             "(RERANKER_LOG_LEVEL=debug shows the traceback)",
             debug=debug,
         )

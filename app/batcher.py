@@ -100,8 +100,10 @@ class DynamicBatcher:
         max_batch_pairs: int,
         max_queue_pairs: int,
         batch_tokens: Callable[[int, int, int], int] = padded_tokens,
+        model: str = "",
     ) -> None:
         self._forward = forward
+        self.model = model  # the metrics' model label
         self._batch_tokens = batch_tokens  # the backend's: see plan_batches
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_pairs = max_batch_pairs
@@ -161,7 +163,7 @@ class DynamicBatcher:
                 param="documents",
             )
         if self._pending_pairs + len(pairs) > self.max_queue_pairs:
-            metrics.REJECTED.labels("overloaded").inc()
+            metrics.REJECTED.labels("overloaded", self.model).inc()
             raise OverloadedError(
                 f"this worker has {self._pending_pairs} pairs queued (limit {self.max_queue_pairs}); retry shortly"
             )
@@ -170,7 +172,7 @@ class DynamicBatcher:
         )
         self._waiting.extend(_Waiting(pair, request, position) for position, pair in enumerate(pairs))
         self._pending_pairs += len(pairs)
-        metrics.QUEUE_DEPTH.inc(len(pairs))
+        metrics.QUEUE_DEPTH.labels(self.model).inc(len(pairs))
         self._wakeup.set()
         # Cancelling the caller cancels the request's future; the forward thread then skips its pairs.
         return await request.future
@@ -254,7 +256,7 @@ class DynamicBatcher:
         live = batch.live or []
         dropped = len(batch.items) - len(live)
         if dropped:
-            metrics.PAIRS_CANCELLED.inc(dropped)
+            metrics.PAIRS_CANCELLED.labels(self.model).inc(dropped)
             self._settle(dropped)
         if not live:
             return
@@ -267,12 +269,12 @@ class DynamicBatcher:
             return
         scores = batch.scores or []
         width = max(len(item.pair) for item in live)
-        metrics.INFERENCE_SECONDS.observe(batch.seconds)
-        metrics.BATCH_SIZE.observe(len(live))
+        metrics.INFERENCE_SECONDS.labels(self.model).observe(batch.seconds)
+        metrics.BATCH_SIZE.labels(self.model).observe(len(live))
         total = sum(len(item.pair) for item in live)
-        metrics.BATCH_TOKENS.observe(self._batch_tokens(len(live), width, total))
-        metrics.PAIRS_SCORED.inc(len(live))
-        metrics.TOKENS_SCORED.inc(total)
+        metrics.BATCH_TOKENS.labels(self.model).observe(self._batch_tokens(len(live), width, total))
+        metrics.PAIRS_SCORED.labels(self.model).inc(len(live))
+        metrics.TOKENS_SCORED.labels(self.model).inc(total)
         for item, score in zip(live, scores, strict=True):
             request = item.request
             if request.future.done():
@@ -283,8 +285,8 @@ class DynamicBatcher:
                 request.future.set_result(request.scores)
                 done = time.perf_counter()
                 first_pass = request.started if request.started is not None else done
-                metrics.REQUEST_QUEUE_SECONDS.observe(first_pass - request.enqueued)
-                metrics.REQUEST_INFERENCE_SECONDS.observe(done - first_pass)
+                metrics.REQUEST_QUEUE_SECONDS.labels(self.model).observe(first_pass - request.enqueued)
+                metrics.REQUEST_INFERENCE_SECONDS.labels(self.model).observe(done - first_pass)
         self._settle(len(live))
 
     def _forward_guarded(self, pairs: list[EncodedPair]) -> list[float]:
@@ -296,4 +298,4 @@ class DynamicBatcher:
 
     def _settle(self, count: int) -> None:
         self._pending_pairs -= count
-        metrics.QUEUE_DEPTH.dec(count)
+        metrics.QUEUE_DEPTH.labels(self.model).dec(count)

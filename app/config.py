@@ -8,12 +8,13 @@ Variables are read from the environment with the prefix ``RERANKER_``; third-par
 from __future__ import annotations
 
 import os
+import re
 import stat
 import tempfile
+from dataclasses import dataclass
 from enum import Enum
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -78,8 +79,27 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RERANKER_", extra="ignore", frozen=True, populate_by_name=True)
 
     # The model
-    model_path: Annotated[Path, Field(description="Local directory of the cross-encoder (mounted read-only).")]
+    model_path: Path | None = Field(
+        None, description="Local directory of the model (mounted read-only). One of it and RERANKER_MODELS is required."
+    )
     model_name: str = Field("bge-reranker-base-local", description="Model id served by /v1/models and echoed.")
+    models: str | None = Field(
+        None,
+        description=(
+            "Several models side by side: name=directory,name=directory,... (names of letters, digits, . _ -). "
+            "Requests choose one by their model field (404 for another name) or by the model-scoped base URL "
+            "/models/{name}. When set, RERANKER_MODEL_PATH and RERANKER_MODEL_NAME are not used."
+        ),
+    )
+    memory_limit_mb: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Memory the models may take, in MiB; start-up refuses a set of models whose estimated weights and "
+            "activations exceed it. Unset: the GPU's free memory, or on the CPU the host's available memory (a "
+            "container's memory limit counted)."
+        ),
+    )
     recipe: RecipeChoice = Field(
         RecipeChoice.auto,
         description=(
@@ -235,13 +255,50 @@ class Settings(BaseSettings):
         description="Where the workers' metric files live; wiped when the server starts.",
     )
 
-    @field_validator("model_path")
+    @field_validator("models")
     @classmethod
-    def _model_path_is_a_model(cls, path: Path) -> Path:
-        problem = model_dir_problem(path)
+    def _models_are_served_models(cls, models: str | None) -> str | None:
+        if models is None or not models.strip():
+            return None
+        for served in parse_served_models(models):
+            problem = model_dir_problem(served.path)
+            if problem:
+                raise ValueError(f"model {served.name!r} ({served.path}): {problem}")
+        return models
+
+    @model_validator(mode="after")
+    def _one_model_or_several(self) -> Settings:
+        if self.models is not None:
+            return self  # each directory was checked with its name
+        if self.model_path is None:
+            raise ValueError("set RERANKER_MODEL_PATH (one model) or RERANKER_MODELS (name=directory,...)")
+        problem = model_dir_problem(self.model_path)
         if problem:
-            raise ValueError(problem)
-        return path
+            raise ValueError(f"RERANKER_MODEL_PATH: {problem}")
+        return self
+
+    @property
+    def model_directory(self) -> Path:
+        """The directory of the one model these settings load (``served_models()`` gives each its own)."""
+        if self.model_path is None:
+            raise SettingsError("these settings serve several models (RERANKER_MODELS): take one of served_models()")
+        return self.model_path
+
+    def served_models(self) -> list[ServedModel]:
+        """Every model this server serves, in the configured order; one model is a list of one."""
+        if self.models is None:
+            return [ServedModel(self.model_name, self.model_directory)]
+        return parse_served_models(self.models)
+
+    @property
+    def routes_by_model(self) -> bool:
+        """Whether a request's ``model`` chooses what scores it. With one model any name is accepted, as the
+        seed deployment did (RAGFlow sends whatever name its user typed)."""
+        return self.models is not None
+
+    def for_model(self, served: ServedModel) -> Settings:
+        """These settings for one served model: what the loader, the encoder and the batcher read."""
+        return self.model_copy(update={"model_path": served.path, "model_name": served.name, "models": None})
 
     @property
     def worker_processes(self) -> int:
@@ -283,6 +340,37 @@ class Settings(BaseSettings):
                 f"({self.max_length}), or a full-length pair could never be scored"
             )
         return self
+
+
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+@dataclass(frozen=True, slots=True)
+class ServedModel:
+    name: str
+    path: Path
+
+
+def parse_served_models(models: str) -> list[ServedModel]:
+    """``name=directory,name=directory``: every name unique and usable in a URL (``/models/{name}/rerank``)."""
+    served: list[ServedModel] = []
+    for entry in (item.strip() for item in models.split(",")):
+        if not entry:
+            continue
+        name, equals, path = (part.strip() for part in entry.partition("="))
+        if not equals or not name or not path:
+            raise ValueError(f"{entry!r} is not name=directory")
+        if not MODEL_NAME.fullmatch(name):
+            raise ValueError(
+                f"model name {name!r} ({path}) must be 1-64 letters, digits, '.', '_' or '-' (no '/': it is part "
+                "of the model's URL /models/{name}/...)"
+            )
+        if any(name == earlier.name for earlier in served):
+            raise ValueError(f"model name {name!r} is given twice ({path})")
+        served.append(ServedModel(name, Path(path)))
+    if not served:
+        raise ValueError("names no model: give name=directory,name=directory")
+    return served
 
 
 WEIGHT_FILES = (
@@ -377,7 +465,7 @@ def http_workers(settings: Settings, *, engines: bool) -> int:
 def load_settings() -> Settings:
     """Read the settings from the environment; raise :class:`SettingsError` with one clear line if invalid."""
     try:
-        return Settings()  # type: ignore[call-arg]  # model_path comes from the environment
+        return Settings()  # type: ignore[call-arg]  # every field comes from the environment
     except ValidationError as error:
         raise SettingsError(describe_validation_error(error)) from None
 

@@ -32,6 +32,10 @@ class AuthenticationError(RerankError):
     """Missing or wrong API key."""
 
 
+class ModelNotFoundError(RerankError):
+    """The request names a model this server does not serve."""
+
+
 class OverloadedError(RerankError):
     """This worker's queue is full: the client should retry after a short wait."""
 

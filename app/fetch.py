@@ -13,6 +13,10 @@ Layout of the volume (``MODELS_ROOT``, ``/models`` in the container)::
     snapshots/<source>--<org>--<name>--<commit>/   a complete, verified copy with FETCHED_MARKER inside
     current -> snapshots/...              symlink, swapped atomically once a copy is complete
 
+Several models (``MODEL_ID=name=org/model,name=org/model``) each get this layout in their own folder,
+``/models/<name>/``; ``--print-served-models`` prints the ``RERANKER_MODELS`` value that serves them (the image's
+entry point uses it).
+
 The reranker reads ``/models/current``, which exists only once a copy is complete: it can never start on a
 half-fetched directory. A run whose ``current`` already holds the requested model, source and revision does
 nothing and touches no network, so a second ``docker compose up`` does not fetch again.
@@ -33,6 +37,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -514,7 +519,7 @@ def fetch(request: Request, *, refresh: bool = False) -> Path:
         return final
 
 
-def parse_args(argv: list[str] | None) -> tuple[Request, bool]:
+def parse_args(argv: list[str] | None) -> tuple[list[Request], bool]:
     parser = argparse.ArgumentParser(prog="python -m app.fetch", description=__doc__.splitlines()[0])
     parser.add_argument("--model-id", default=os.environ.get("MODEL_ID") or DEFAULT_MODEL_ID)
     parser.add_argument("--source", default=os.environ.get("MODEL_SOURCE") or "huggingface")
@@ -525,6 +530,11 @@ def parse_args(argv: list[str] | None) -> tuple[Request, bool]:
         action="store_true",
         default=os.environ.get("MODEL_REFRESH", "").lower() in ("1", "true", "yes"),
         help="fetch again even if the volume already holds the model (e.g. to follow a moved branch)",
+    )
+    parser.add_argument(
+        "--print-served-models",
+        action="store_true",
+        help="print the RERANKER_MODELS value that serves what MODEL_ID lists (name=org/model,...) and exit",
     )
     args = parser.parse_args(argv)
     if os.environ.get("MODEL_DIR"):
@@ -539,13 +549,43 @@ def parse_args(argv: list[str] | None) -> tuple[Request, bool]:
     source = args.source.strip().lower()
     if source not in SOURCES:
         raise FetchError(f"MODEL_SOURCE={args.source!r} is not one of {', '.join(SOURCES)}", exit_code=EXIT_SETTINGS)
-    model_id = args.model_id.strip()
-    if model_id.count("/") != 1 or not all(model_id.split("/")) or ".." in model_id:
-        raise FetchError(
-            f"MODEL_ID={args.model_id!r} is not a hub model id of the form org/name (e.g. {DEFAULT_MODEL_ID})",
-            exit_code=EXIT_SETTINGS,
-        )
-    return Request(model_id=model_id, source=source, revision=args.revision, root=args.root), args.refresh
+    entries = named_model_ids(args.model_id)
+    if args.print_served_models:
+        print(",".join(f"{name}={args.root / name / CURRENT}" for name, _ in entries if name))
+        raise SystemExit(0)
+    requests = []
+    for name, model_id in entries:
+        if model_id.count("/") != 1 or not all(model_id.split("/")) or ".." in model_id:
+            raise FetchError(
+                f"MODEL_ID={args.model_id!r}: {model_id!r} is not a hub model id of the form org/name (e.g. "
+                f"{DEFAULT_MODEL_ID}, or several as name=org/name,name=org/name)",
+                exit_code=EXIT_SETTINGS,
+            )
+        # Several models: each in its own folder of the volume, with its own current link.
+        root = args.root / name if name else args.root
+        requests.append(Request(model_id=model_id, source=source, revision=args.revision, root=root))
+    return requests, args.refresh
+
+
+def named_model_ids(value: str) -> list[tuple[str, str]]:
+    """MODEL_ID as (name, hub id) pairs: one bare ``org/name`` (name ""), or ``name=org/name,name=org/name``
+    for several models served side by side (RERANKER_MODELS names them the same)."""
+    items = [item.strip() for item in value.split(",") if item.strip()]
+    if len(items) == 1 and "=" not in items[0]:
+        return [("", items[0])]
+    entries: list[tuple[str, str]] = []
+    for item in items:
+        name, equals, model_id = (part.strip() for part in item.partition("="))
+        if not equals or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
+            raise FetchError(
+                f"MODEL_ID={value!r}: with several models each entry is name=org/model, the name of letters, "
+                f"digits, '.', '_' or '-' ({item!r} is not)",
+                exit_code=EXIT_SETTINGS,
+            )
+        if any(name == earlier for earlier, _ in entries):
+            raise FetchError(f"MODEL_ID={value!r}: the name {name!r} is given twice", exit_code=EXIT_SETTINGS)
+        entries.append((name, model_id))
+    return entries
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -560,8 +600,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("HF_HUB_VERBOSITY", "error")  # huggingface_hub sets its level from it on import
         os.environ.setdefault("TQDM_DISABLE", "1")  # ModelScope's per-file progress bars
     try:
-        request, refresh = parse_args(argv)
-        fetch(request, refresh=refresh)
+        requests, refresh = parse_args(argv)
+        for request in requests:
+            fetch(request, refresh=refresh)
     except FetchError as error:
         if debug:
             traceback.print_exc()

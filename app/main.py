@@ -1,8 +1,9 @@
 """The FastAPI application. gunicorn loads it with ``app.main:create_app()`` in every worker.
 
-The lifespan owns the model side: inline, the model is loaded and warmed after gunicorn forks (nothing CUDA in
-the master); with engine processes (started by the master's supervisor, which names their sockets in the
-environment), the worker builds its pair encoder and waits until the engines answer. On shutdown the worker
+The lifespan owns the model side, for every served model in turn (``app/registry.py``): inline, the model is
+loaded and warmed after gunicorn forks (nothing CUDA in the master); with engine processes (started by the
+master's supervisor, which names their sockets in the environment; each model has its own socket on every
+engine), the worker builds the model's pair encoder and waits until the engines answer. On shutdown the worker
 stops taking work and finishes what is queued.
 """
 
@@ -21,7 +22,8 @@ from app.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from app.api.routes import ops_router, router
 from app.config import Settings, get_settings
 from app.engine.base import Backend, PairEncoder
-from app.engine.supervisor import engine_sockets_from_environment
+from app.engine.supervisor import engine_sockets_from_environment, model_socket
+from app.registry import ModelRegistry
 from app.service import RerankService
 
 logger = logging.getLogger(__name__)
@@ -46,25 +48,32 @@ def worker_encoder_factory(settings: Settings) -> Callable[[], PairEncoder]:
 
 
 def create_app(settings: Settings | None = None, *, backend_factory: Callable[[], Backend] | None = None) -> FastAPI:
+    """The app serving every configured model. ``backend_factory`` (tests) stands in for one model's loader."""
     settings = settings or get_settings()
     # A backend handed in (tests) always runs inline; otherwise the master's choice, made once for all workers.
-    sockets = [] if backend_factory is not None else engine_sockets_from_environment()
-    service = RerankService(
-        settings,
-        backend_factory or configured_backend_factory(settings),
-        engine_sockets=sockets,
-        encoder_factory=worker_encoder_factory(settings),
-    )
+    engine_sockets = [] if backend_factory is not None else engine_sockets_from_environment()
+    services = []
+    for index, served in enumerate(settings.served_models()):
+        model_settings = settings.for_model(served)
+        services.append(
+            RerankService(
+                model_settings,
+                backend_factory or configured_backend_factory(model_settings),
+                engine_sockets=[model_socket(socket, index) for socket in engine_sockets],
+                encoder_factory=worker_encoder_factory(model_settings),
+            )
+        )
+    registry = ModelRegistry(services, routes_by_model=settings.routes_by_model)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         metrics.WORKERS_UP.set(1)
         metrics.WORKERS_READY.set(0)
-        await service.start()
+        await registry.start()
         try:
             yield
         finally:
-            await service.stop()
+            await registry.stop()
             metrics.WORKERS_UP.set(0)
 
     app = FastAPI(
@@ -75,7 +84,7 @@ def create_app(settings: Settings | None = None, *, backend_factory: Callable[[]
         redirect_slashes=False,
     )
     app.state.settings = settings
-    app.state.service = service
+    app.state.models = registry
     app.state.started_at = int(time.time())
     install_error_handlers(app)
     app.include_router(ops_router)

@@ -110,7 +110,8 @@ class RerankService:
         engine_sockets: Sequence[Path] = (),
         encoder_factory: Callable[[], PairEncoder] | None = None,
     ) -> None:
-        self.settings = settings
+        self.settings = settings  # this model's (Settings.for_model)
+        self.name = settings.model_name  # the name clients send, and the metrics' model label
         self._backend_factory = backend_factory
         self._engine_sockets = list(engine_sockets)
         self._encoder_factory = encoder_factory
@@ -156,11 +157,11 @@ class RerankService:
             max_batch_pairs=self.settings.max_batch_pairs,
             max_queue_pairs=self.settings.max_queue_pairs,
             batch_tokens=backend.batch_tokens,
+            model=self.name,
         )
         self.batcher.start()
         self.state = "ready"
-        metrics.WORKERS_READY.set(1)
-        logger.info("model ready in %.1fs (%s)", time.perf_counter() - started, backend.describe())
+        logger.info("model %s ready in %.1fs (%s)", self.name, time.perf_counter() - started, backend.describe())
 
     async def _start_with_engines(self, started: float) -> None:
         """Build the encoder (tokenizer only) and wait until the engine processes answer."""
@@ -168,7 +169,9 @@ class RerankService:
             raise RuntimeError("engine processes need an encoder factory")
         try:
             encoder = await asyncio.to_thread(self._encoder_factory)
-            engines = EngineClient(self._engine_sockets, encoder=encoder, max_queue_pairs=self.settings.max_queue_pairs)
+            engines = EngineClient(
+                self._engine_sockets, encoder=encoder, max_queue_pairs=self.settings.max_queue_pairs, model=self.name
+            )
             # The engines load and warm the model meanwhile: as long as the worker may stay silent.
             await engines.start(timeout_s=self.settings.worker_timeout)
         except Exception:
@@ -176,10 +179,13 @@ class RerankService:
             raise
         self.encoder, self.engines = encoder, engines
         self.state = "ready"
-        metrics.WORKERS_READY.set(1)
         facts = [connection.facts.get("describe") for connection in engines.connections]
         logger.info(
-            "worker ready in %.1fs with %d engine process(es): %s", time.perf_counter() - started, len(facts), facts
+            "model %s ready in %.1fs with %d engine process(es): %s",
+            self.name,
+            time.perf_counter() - started,
+            len(facts),
+            facts,
         )
 
     def model_facts(self) -> dict[str, str]:
@@ -194,7 +200,6 @@ class RerankService:
     async def stop(self) -> None:
         """Stop taking work and let queued pairs finish within the graceful timeout."""
         self.state = "draining"
-        metrics.WORKERS_READY.set(0)
         if self.batcher is not None:
             await self.batcher.stop(timeout_s=self.settings.graceful_timeout)
         if self.engines is not None:
@@ -269,7 +274,7 @@ class RerankService:
             logits = await self.batcher.score(encoded.pairs)
         else:
             raise NotReadyError(f"the model is not ready ({self.state})")
-        metrics.TOKENIZATION_SECONDS.observe(tokenized - started)
+        metrics.TOKENIZATION_SECONDS.labels(self.name).observe(tokenized - started)
         scored = time.perf_counter()
         results = []
         for index, (first, count) in enumerate(zip(encoded.first_pair, encoded.window_count, strict=True)):
@@ -282,7 +287,7 @@ class RerankService:
     def _check_window_count(self, windows: int) -> None:
         limit = self.settings.max_windows_per_request
         if windows > limit:
-            metrics.REJECTED.labels("too_many_windows").inc()
+            metrics.REJECTED.labels("too_many_windows", self.name).inc()
             raise PayloadTooLargeError(
                 f"this request needs {windows} scored windows; the limit is {limit} "
                 "(RERANKER_MAX_WINDOWS_PER_REQUEST): send fewer documents or lower max_chunks_per_doc",
@@ -357,7 +362,6 @@ class RerankService:
                 if self._health_error is not None:
                     logger.error("readiness check failed: %s", self._health_error)
                 self._health_checked_at = time.monotonic()
-                metrics.WORKERS_READY.set(1 if self._health_error is None else 0)
         if self._health_error is not None:
             # The reason (paths, device errors) goes to the log only: /ready answers without an API key.
             raise NotReadyError("the model failed its health check; the server log says why")

@@ -21,6 +21,17 @@ else
     }
 fi
 
+# Several models fetched by compose's model-fetch (MODEL_ID=name=org/model,name=org/model): served under their
+# names from the folders the fetcher writes, unless RERANKER_MODELS says otherwise (app/fetch.py owns the layout).
+case "${MODEL_ID:-}" in
+    *=*)
+        if [ -z "${RERANKER_MODELS:-}" ]; then
+            RERANKER_MODELS="$(python -m app.fetch --print-served-models)" || exit 2
+            export RERANKER_MODELS
+        fi
+        ;;
+esac
+
 if [ "$#" -eq 0 ]; then
     set -- python -m app
 fi

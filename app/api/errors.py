@@ -20,6 +20,7 @@ from app.errors import (
     EngineFailure,
     InvalidRequestError,
     MalformedBodyError,
+    ModelNotFoundError,
     NotReadyError,
     OverloadedError,
     PayloadTooLargeError,
@@ -38,6 +39,7 @@ class ClientDisconnected(RerankError):
 ERROR_STATUS: dict[type[RerankError], tuple[int, str]] = {
     MalformedBodyError: (400, "invalid_request_error"),
     AuthenticationError: (401, "authentication_error"),
+    ModelNotFoundError: (404, "not_found_error"),
     PayloadTooLargeError: (413, "request_too_large"),
     UnsupportedMediaTypeError: (415, "invalid_request_error"),
     InvalidRequestError: (422, "invalid_request_error"),

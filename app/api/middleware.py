@@ -56,13 +56,15 @@ class RequestContextMiddleware:
             # FastAPI's own routes (/docs, /openapi.json) match without a "route" in the scope, only an endpoint;
             # a path nothing matched stays "unmatched" (one label, however many paths are probed).
             route_path = getattr(route, "path", None) or (scope["path"] if scope.get("endpoint") else "unmatched")
-            metrics.REQUESTS.labels(route_path, scope["method"], str(status)).inc()
-            metrics.REQUEST_LATENCY.labels(route_path).observe(elapsed)
+            model = state.get("model", "")  # set once the route's dependency resolved it
+            metrics.REQUESTS.labels(route_path, scope["method"], str(status), model).inc()
+            metrics.REQUEST_LATENCY.labels(route_path, model).observe(elapsed)
             if self.access_log and route_path not in {"/health", "/metrics"}:
                 record = {
                     "request_id": request_id,
                     "method": scope["method"],
                     "route": route_path,
+                    "model": model,
                     "path": scope["path"],
                     "status": status,
                     "latency_ms": round(elapsed * 1000, 2),

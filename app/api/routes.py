@@ -1,20 +1,21 @@
 """Thin routes: the request normalises itself, the service scores it in one call, the schema shapes the answer.
 
-Every path is served with and without a trailing slash (a POST redirect would lose clients). The paths come
-from the clients' own source: see shared/RERANK_WIRE.md.
+Every path is served with and without a trailing slash (a POST redirect would lose clients), and again under
+``/models/{name}``: a base URL per model for clients that send no model name. The paths come from the clients' own
+source: see shared/RERANK_WIRE.md.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 from fastapi import APIRouter, Request, Response
 
 from app import __version__
-from app.api.deps import ApiKeyDep, ServiceDep, SettingsDep, require_api_key
+from app.api.deps import MODEL_SCOPE, ApiKeyDep, RegistryDep, ServiceDep, SettingsDep, require_api_key
 from app.api.errors import ClientDisconnected
 from app.api.schemas import (
     ErrorEnvelope,
@@ -47,7 +48,7 @@ MODEL_PATHS = ("/v1/models", "/models", "/v1/v1/models")
 INFO_PATHS = ("/info", "/v1/info")
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorEnvelope} for status in (400, 401, 413, 415, 422, 429, 500, 503)
+    status: {"model": ErrorEnvelope} for status in (400, 401, 404, 413, 415, 422, 429, 500, 503)
 }
 
 router = APIRouter(dependencies=[ApiKeyDep])
@@ -110,7 +111,7 @@ async def score(
     instruction = body.instruction_text()
     texts = body.document_texts(max_documents=settings.max_documents)
     state["documents"] = len(texts)
-    DOCUMENTS.inc(len(texts))
+    DOCUMENTS.labels(service.name).inc(len(texts))
     outcome = await service.rerank(
         query, texts, chunking=body.chunking(), truncate_only=truncate_only, instruction=instruction
     )
@@ -140,7 +141,7 @@ async def rerank(
         body,
         texts,
         request_id=request.scope["state"]["request_id"],
-        model=settings.model_name,
+        model=service.name,
         seed_data=seed_data,
     )
 
@@ -154,15 +155,15 @@ async def rerank_nvidia(
     return NvidiaResponse.from_outcome(outcome, body)
 
 
-def model_card(service: ServiceDep, settings: SettingsDep, started_at: int) -> ModelCard:
-    """What is served: the id clients send, and what was loaded (service.model_facts: the backend's describe())."""
+def model_card(service: RerankService, started_at: int) -> ModelCard:
+    """What is served under one name: the id clients send, and what was loaded (the backend's describe())."""
     facts = service.model_facts()
     labels = facts.get("num_labels")
     return ModelCard(
-        id=settings.model_name,
+        id=service.name,
         created=started_at,
         model_type="rerank",
-        max_model_len=int(facts.get("max_length", settings.max_length)),
+        max_model_len=int(facts.get("max_length", service.settings.max_length)),
         architecture=facts.get("architecture"),
         num_labels=int(labels) if labels else None,
         dtype=facts.get("dtype"),
@@ -172,56 +173,25 @@ def model_card(service: ServiceDep, settings: SettingsDep, started_at: int) -> M
     )
 
 
-async def list_models(service: ServiceDep, settings: SettingsDep, request: Request) -> ModelList:
-    """The one served model (``model_type: rerank``; RAGFlow also classes an id containing "rerank" as one)."""
-    return ModelList(data=[model_card(service, settings, request.app.state.started_at)])
+async def list_models(registry: RegistryDep, request: Request) -> ModelList:
+    """Every served model (``model_type: rerank``; RAGFlow also classes an id containing "rerank" as one); under
+    ``/models/{name}``, that model alone."""
+    started_at = request.app.state.started_at
+    scoped = request.path_params.get("model_name")
+    services = [registry.scoped(scoped)] if scoped is not None else registry.services
+    return ModelList(data=[model_card(service, started_at) for service in services])
 
 
-# Optional fields a dialect did not ask for (document, chunk, data, text) are left out, not sent as null.
-for _path, _visible in _with_slash_variants(RERANK_PATHS):
-    router.add_api_route(
-        _path,
-        rerank,
-        methods=["POST"],
-        include_in_schema=_visible,
-        response_model=RerankResponse | list[TeiRank],
-        response_model_exclude_none=True,
-        responses=ERROR_RESPONSES,
-        summary="Rerank documents",
-        tags=["rerank"],
-    )
-for _path, _visible in _with_slash_variants(NVIDIA_PATHS):
-    router.add_api_route(
-        _path,
-        rerank_nvidia,
-        methods=["POST"],
-        include_in_schema=_visible,
-        response_model=NvidiaResponse,
-        response_model_exclude_none=True,
-        responses=ERROR_RESPONSES,
-        summary="Rerank passages (NVIDIA)",
-        tags=["rerank"],
-    )
-for _path, _visible in _with_slash_variants(MODEL_PATHS):
-    router.add_api_route(
-        _path,
-        list_models,
-        methods=["GET"],
-        include_in_schema=_visible,
-        response_model=ModelList,
-        summary="List the served model",
-        tags=["models"],
-    )
-
-
-async def info(service: ServiceDep, settings: SettingsDep, request: Request) -> TeiInfo:
+async def info(service: ServiceDep, request: Request) -> TeiInfo:
     """TEI's model information, for RAGFlow's HuggingFace provider. Guarded like every model route: that
-    provider sends no key, so it is used with RERANKER_API_KEY unset, for /info as for /rerank."""
-    card = model_card(service, settings, request.app.state.started_at)
+    provider sends no key, so it is used with RERANKER_API_KEY unset, for /info as for /rerank. With several
+    models it names one: ``/models/{name}/info``."""
+    settings = service.settings
+    card = model_card(service, request.app.state.started_at)
     labels = {"0": "LABEL_0"} if card.num_labels != 2 else {"0": "LABEL_0", "1": "LABEL_1"}
     reranker = {"id2label": labels, "label2id": {name: int(index) for index, name in labels.items()}}
     return TeiInfo(
-        model_id=settings.model_name,
+        model_id=service.name,
         model_dtype=card.dtype or "unknown",
         model_type={"reranker": reranker, "rerank": reranker},
         max_concurrent_requests=settings.max_queue_pairs,
@@ -235,16 +205,61 @@ async def info(service: ServiceDep, settings: SettingsDep, request: Request) -> 
     )
 
 
-for _path, _visible in _with_slash_variants(INFO_PATHS):
-    router.add_api_route(
-        _path,
-        info,
-        methods=["GET"],
-        include_in_schema=_visible and _path == "/info",
-        response_model=TeiInfo,
-        summary="TEI's model information",
-        tags=["models"],
-    )
+def add_routes(
+    target: APIRouter, paths: Sequence[str], endpoint: Callable[..., Any], *, method: str, **options: Any
+) -> None:
+    """``endpoint`` at each path and its trailing-slash twin, and again under ``/models/{name}`` (of which the
+    OpenAPI document shows the first path only)."""
+    for path, visible in _with_slash_variants(paths):
+        target.add_api_route(path, endpoint, methods=[method], include_in_schema=visible, **options)
+    scoped = [MODEL_SCOPE + ("" if path == "/" else path) for path in paths]
+    for path, _ in _with_slash_variants(scoped):
+        target.add_api_route(path, endpoint, methods=[method], include_in_schema=path == scoped[0], **options)
+
+
+# Optional fields a dialect did not ask for (document, chunk, data, text) are left out, not sent as null.
+add_routes(
+    router,
+    RERANK_PATHS,
+    rerank,
+    method="POST",
+    response_model=RerankResponse | list[TeiRank],
+    response_model_exclude_none=True,
+    responses=ERROR_RESPONSES,
+    summary="Rerank documents",
+    tags=["rerank"],
+)
+add_routes(
+    router,
+    NVIDIA_PATHS,
+    rerank_nvidia,
+    method="POST",
+    response_model=NvidiaResponse,
+    response_model_exclude_none=True,
+    responses=ERROR_RESPONSES,
+    summary="Rerank passages (NVIDIA)",
+    tags=["rerank"],
+)
+add_routes(
+    router,
+    MODEL_PATHS,
+    list_models,
+    method="GET",
+    response_model=ModelList,
+    responses=ERROR_RESPONSES,
+    summary="List the served models",
+    tags=["models"],
+)
+add_routes(
+    router,
+    INFO_PATHS,
+    info,
+    method="GET",
+    response_model=TeiInfo,
+    responses=ERROR_RESPONSES,
+    summary="TEI's model information",
+    tags=["models"],
+)
 
 
 @ops_router.get("/health", response_model=Health, tags=["operations"])
@@ -254,8 +269,20 @@ async def health() -> Health:
 
 
 @ops_router.get("/ready", response_model=Health, responses={503: {"model": ErrorEnvelope}}, tags=["operations"])
-async def ready(service: ServiceDep) -> Health:
-    """Readiness: 200 only when the model is loaded, warmed and a tiny forward pass works; else 503."""
+async def ready(registry: RegistryDep) -> Health:
+    """Readiness: 200 only when every model is loaded, warmed and a tiny forward pass works; else 503."""
+    await registry.check_health()
+    return Health(status="ready")
+
+
+@ops_router.get(
+    MODEL_SCOPE + "/ready",
+    response_model=Health,
+    responses={404: {"model": ErrorEnvelope}, 503: {"model": ErrorEnvelope}},
+    tags=["operations"],
+)
+async def model_ready(service: ServiceDep) -> Health:
+    """Readiness of one model: 200 when it is loaded, warmed and a tiny forward pass works."""
     await service.check_health()
     return Health(status="ready")
 

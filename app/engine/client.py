@@ -108,8 +108,11 @@ class EngineConnection:
 class EngineClient:
     """What the service calls in process mode: ``score`` and ``check_health``, over every engine."""
 
-    def __init__(self, socket_paths: Sequence[Path], *, encoder: PairEncoder, max_queue_pairs: int) -> None:
+    def __init__(
+        self, socket_paths: Sequence[Path], *, encoder: PairEncoder, max_queue_pairs: int, model: str = ""
+    ) -> None:
         self.connections = [EngineConnection(path) for path in socket_paths]
+        self.model = model  # the metrics' model label
         self.encoder = encoder
         self.max_queue_pairs = max_queue_pairs
         self._pending_pairs = 0
@@ -197,7 +200,7 @@ class EngineClient:
                 param="documents",
             )
         if self._pending_pairs + count > self.max_queue_pairs:
-            metrics.REJECTED.labels("overloaded").inc()
+            metrics.REJECTED.labels("overloaded", self.model).inc()
             raise OverloadedError(
                 f"this worker has {self._pending_pairs} pairs queued (limit {self.max_queue_pairs}); retry shortly"
             )

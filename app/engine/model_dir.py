@@ -330,7 +330,7 @@ def open_model_dir(
 
 def load_pair_encoder(settings: Settings) -> PairEncoder:
     """The pair encoder alone: what an HTTP worker needs to tokenise without a copy of the weights."""
-    return open_model_dir(settings.model_path, **encoder_settings(settings))[0]
+    return open_model_dir(settings.model_directory, **encoder_settings(settings))[0]
 
 
 def encoder_settings(settings: Settings) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The engine process: one per device, holding the model, the dynamic batcher and the forward thread.
+"""The engine process: one per device, holding every served model, each with its dynamic batcher and forward
+thread, each on its own socket (``supervisor.model_socket``).
 
     python -m app.engine.process --socket /tmp/reranker-engines-9300/engine-0.sock
 
@@ -30,9 +31,11 @@ from typing import Any
 
 from app import metrics
 from app.batcher import DynamicBatcher
-from app.config import SettingsError, load_settings
+from app.config import Settings, SettingsError, load_settings
 from app.engine.base import Backend
 from app.engine.loader import load_backend
+from app.engine.memory import MemoryRefusal, check_models_fit
+from app.engine.supervisor import model_socket
 from app.engine.wire import Frame, Kind, decode_pairs, encode_scores, pack, pack_json, read_frame
 from app.errors import EngineFailure, NotReadyError, OverloadedError, PayloadTooLargeError
 
@@ -141,36 +144,49 @@ class Engine:
 
 async def serve(socket_path: Path) -> int:
     settings = load_settings()
-    marker = failure_marker(socket_path)
+    served = settings.served_models()
+    sockets = [model_socket(socket_path, index) for index in range(len(served))]
+    markers = [failure_marker(path) for path in sockets]
     socket_path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in (socket_path, marker):
+    for stale in (*sockets, *markers):
         stale.unlink(missing_ok=True)
     started = time.perf_counter()
+    engines: list[Engine] = []
     try:
-        # This device's only model copy: on a CPU its torch threads are every core, not one worker's share.
-        backend = await asyncio.to_thread(partial(load_backend, settings, model_copies=1))
-        await asyncio.to_thread(backend.warm_up)
+        # Every model in this one process (one CUDA context per device), loaded one after another; the set is
+        # refused before any weight is read if it cannot fit (app/engine/memory.py).
+        check_models_fit(settings, where="engine")
+        for model in served:
+            model_settings = settings.for_model(model)
+            engines.append(await start_engine(model_settings, workers=settings.worker_processes))
     except Exception as error:
         message = str(error) or type(error).__name__
+        if len(served) > 1 and not isinstance(error, MemoryRefusal):
+            model = served[len(engines)]
+            message = f"model {model.name} ({model.path}): {message}"
         logger.error("engine failed to start: %s", message)
-        marker.write_text(message)
+        for marker in markers:
+            marker.write_text(message)
         return 1
-    # Workers bound their own queues (429s are theirs); this bound only guards against a runaway peer.
-    batcher = DynamicBatcher(
-        backend.forward,
-        max_batch_tokens=settings.max_batch_tokens,
-        max_batch_pairs=settings.max_batch_pairs,
-        max_queue_pairs=settings.max_queue_pairs * settings.worker_processes,
-        batch_tokens=backend.batch_tokens,
-    )
-    batcher.start()
-    engine = Engine(backend, batcher)
-    staging = socket_path.with_name(f".{socket_path.name}.{os.getpid()}")
-    staging.unlink(missing_ok=True)
-    server = await asyncio.start_unix_server(engine.serve_connection, path=str(staging))
-    os.replace(staging, socket_path)  # connectable only now: loaded and warmed
+    servers, stagings = [], []
+    for engine, path in zip(engines, sockets, strict=True):
+        staging = path.with_name(f".{path.name}.{os.getpid()}")
+        staging.unlink(missing_ok=True)
+        servers.append(await asyncio.start_unix_server(engine.serve_connection, path=str(staging)))
+        stagings.append(staging)
+    # Connectable only now, every model loaded and warmed; the first model's socket (the one the supervisor
+    # watches) last.
+    for staging, path in reversed(list(zip(stagings, sockets, strict=True))):
+        os.replace(staging, path)
     metrics.ENGINES_READY.set(1)
-    logger.info("engine ready on %s in %.1fs (%s)", socket_path, time.perf_counter() - started, backend.describe())
+    for engine, path in zip(engines, sockets, strict=True):
+        logger.info(
+            "engine ready on %s in %.1fs (%s: %s)",
+            path,
+            time.perf_counter() - started,
+            engine.batcher.model,
+            engine.backend.describe(),
+        )
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -188,17 +204,39 @@ async def serve(socket_path: Path) -> int:
     watcher = asyncio.create_task(watch_parent())
     await stop.wait()
     watcher.cancel()
-    socket_path.unlink(missing_ok=True)
+    for path in sockets:
+        path.unlink(missing_ok=True)
     metrics.ENGINES_READY.set(0)
-    server.close()
+    for server in servers:
+        server.close()
     # Workers have drained before the master stops its engines; what is still queued gets its answers.
-    await batcher.stop(timeout_s=settings.graceful_timeout)
-    for connection in list(engine.connections):
-        connection.close()  # each connection's reader ends, cancelling what it still had in flight
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(server.wait_closed(), timeout=1)
+    await asyncio.gather(*(engine.batcher.stop(timeout_s=settings.graceful_timeout) for engine in engines))
+    for engine in engines:
+        for connection in list(engine.connections):
+            connection.close()  # each connection's reader ends, cancelling what it still had in flight
+    for server in servers:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(server.wait_closed(), timeout=1)
     logger.info("engine on %s stopped", socket_path)
     return 0
+
+
+async def start_engine(settings: Settings, *, workers: int) -> Engine:
+    """Load and warm one model (``settings`` are that model's) with its own batcher."""
+    # This device's only copy of the model: on a CPU its torch threads are every core, not one worker's share.
+    backend = await asyncio.to_thread(partial(load_backend, settings, model_copies=1))
+    await asyncio.to_thread(backend.warm_up)
+    # Workers bound their own queues (429s are theirs); this bound only guards against a runaway peer.
+    batcher = DynamicBatcher(
+        backend.forward,
+        max_batch_tokens=settings.max_batch_tokens,
+        max_batch_pairs=settings.max_batch_pairs,
+        max_queue_pairs=settings.max_queue_pairs * workers,
+        batch_tokens=backend.batch_tokens,
+        model=settings.model_name,
+    )
+    batcher.start()
+    return Engine(backend, batcher)
 
 
 def main(argv: list[str] | None = None) -> int:

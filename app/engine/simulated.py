@@ -43,7 +43,7 @@ def hold_gil_for(seconds: float) -> None:
 
 class SimulatedDevice:
     def __init__(self, settings: Settings) -> None:
-        self.model_path = settings.model_path
+        self.model_path = settings.model_directory
         self.encoder = load_pair_encoder(settings)  # exactly what an HTTP worker encodes with
         self.token_s = settings.simulated_token_us * 1e-6
         self.launches = settings.simulated_launches

@@ -36,6 +36,14 @@ def engine_sockets_from_environment() -> list[Path]:
     return [Path(path) for path in os.environ.get(ENGINE_SOCKETS_ENV, "").split(os.pathsep) if path]
 
 
+def model_socket(engine_socket: Path, model_index: int) -> Path:
+    """Where an engine serves the ``model_index``-th served model: one process per device holds every model
+    (one CUDA context), each on its own socket; the first model keeps the engine's own socket name."""
+    if model_index == 0:
+        return engine_socket
+    return engine_socket.with_name(f"{engine_socket.stem}.model-{model_index}{engine_socket.suffix}")
+
+
 @dataclass(frozen=True)
 class EngineSpec:
     index: int

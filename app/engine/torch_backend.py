@@ -157,7 +157,7 @@ class TorchBackend:
     def __init__(self, settings: Settings, *, model_copies: int | None = None) -> None:
         """``model_copies``: how many copies of the model share this machine's cores (default: one per worker,
         as inline workers each hold one; an engine process is the only one)."""
-        self.model_path = settings.model_path
+        self.model_path = settings.model_directory
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.dtype, self.device)  # the dtype of the matrix products
         self.weights_dtype = weights_dtype(self.dtype)
@@ -167,7 +167,7 @@ class TorchBackend:
             threads = settings.torch_threads or max(1, usable_cpus() // copies)
             torch.set_num_threads(threads)
         # The tokenizer side first: it refuses a directory the service cannot serve before any weight is read.
-        self.encoder, self.info, hf_tokenizer = open_model_dir(settings.model_path, **encoder_settings(settings))
+        self.encoder, self.info, hf_tokenizer = open_model_dir(settings.model_directory, **encoder_settings(settings))
         self.compile_mode = settings.torch_compile
         # LLM rerankers run eagerly unless compiling is asked for: their compile on the CPU (dynamic shapes over
         # a 28-layer decoder) has not been measured to pay for its start-up.
@@ -184,7 +184,7 @@ class TorchBackend:
         self.uses_type_ids = self.info.uses_type_ids
         # A decoder's scorer reads one row already (a 2-label *-seq-cls's difference included).
         self.num_labels = 1 if self.info.decoder else self.info.num_labels
-        self.model = self._load(settings.model_path)
+        self.model = self._load(settings.model_directory)
         if self.weights_dtype != self.dtype and isinstance(getattr(self.model, "classifier", None), torch.nn.Module):
             self.model.classifier = Float32Head(self.model.classifier, self.device.type)
         # Before compiling: the compiled graph is of the pruned model.
