@@ -429,3 +429,18 @@ def test_corrupt_weights_fail_the_boot_with_the_path(tmp_path: Path, tiny_model_
     message = str(failure.value)
     assert "exited with" in message  # gunicorn gave up instead of serving
     assert f"cannot load the model from {broken}" in message
+
+
+def test_one_model_is_also_served_under_its_own_model_scoped_base(live_server: ServerProcess) -> None:
+    # The single-model server is the registry of one: /models/{its name}/... works as a base URL too, and only
+    # under its own name; an unscoped request may still name any model.
+    base = live_server.base_url + "/models/bge-reranker-base-local"
+    assert ragflow_huggingface_models(base)[0]["name"] == "bge-reranker-base-local"
+    scoped = httpx.post(base + "/rerank", json={"query": QUERY, "texts": DOCS}, timeout=30)
+    plain = httpx.post(
+        live_server.base_url + "/rerank", json={"model": "any", "query": QUERY, "texts": DOCS}, timeout=30
+    )
+    assert scoped.status_code == plain.status_code == 200
+    assert scoped.json() == plain.json()
+    other = httpx.post(live_server.base_url + "/models/other/rerank", json={"query": QUERY, "texts": DOCS}, timeout=30)
+    assert other.status_code == 404 and "bge-reranker-base-local" in other.json()["error"]["message"]
