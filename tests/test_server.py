@@ -234,7 +234,8 @@ def check_shape(dialect: str, body: dict[str, Any], data: Any, reference: dict[i
 def rerank_counts(metrics_text: str) -> Counter[tuple[str, str]]:
     counts: Counter[tuple[str, str]] = Counter()
     pattern = re.compile(
-        r'^reranker_requests_total\{method="POST",model="bge-reranker-base-local",route="([^"]+)",status="(\d+)"\} (\S+)$'
+        r'^reranker_requests_total\{method="POST",model="bge-reranker-base-local",route="([^"]+)",status="(\d+)"\} '
+        r"(\S+)$"
     )
     for line in metrics_text.splitlines():
         match = pattern.match(line)
