@@ -7,6 +7,8 @@
 # Environment:
 #   RERANKER_REQUIRE_DOCKER=1    fail (instead of skip) when the Docker engine cannot be started; CI sets it.
 #   RERANKER_SKIP_DOCKER=1       leave the Docker stack tests out (a quicker local loop).
+#   RERANKER_REQUIRE_KUBERNETES_TOOLS=1   fail (instead of skip) the Kubernetes manifest and rolling-upgrade tests
+#                                when kubectl, kubernetes-validate or HAProxy cannot be had; CI sets it.
 #   RERANKER_SKIP_OLDEST=1       leave out the engine tests on the oldest supported versions.
 #   VENV=path                    the virtual environment to use (default .venv).
 #   OLDEST_VENV=path             the one for the oldest supported versions (default .venv-oldest).
@@ -18,6 +20,7 @@ OLDEST_VENV=${OLDEST_VENV:-.venv-oldest}
 PYTHON=${PYTHON:-python3}
 if [ "${CI:-}" = "true" ]; then
   export RERANKER_REQUIRE_DOCKER=${RERANKER_REQUIRE_DOCKER:-1}
+  export RERANKER_REQUIRE_KUBERNETES_TOOLS=${RERANKER_REQUIRE_KUBERNETES_TOOLS:-1}
 fi
 
 step() { printf '\n==> %s\n' "$*"; }
@@ -55,6 +58,15 @@ if [ "${RERANKER_SKIP_DOCKER:-}" != "1" ]; then
   fi
 else
   export PYTEST_ADDOPTS="${PYTEST_ADDOPTS:-} -m 'not docker'"
+fi
+
+step "Kubernetes tools (kubectl, kubernetes-validate, HAProxy)"
+if ! bash scripts/kubernetes-tools.sh --venv "$VENV"; then
+  if [ "${RERANKER_REQUIRE_KUBERNETES_TOOLS:-}" = "1" ]; then
+    echo "the Kubernetes tools could not be set up and RERANKER_REQUIRE_KUBERNETES_TOOLS=1: failing" >&2
+    exit 1
+  fi
+  echo "the Kubernetes tools could not be set up: the Kubernetes tests will be skipped" >&2
 fi
 
 oldest_status=0
