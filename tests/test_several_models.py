@@ -310,3 +310,25 @@ def test_one_engine_process_serves_both_models(
         assert len({pid for pid, _ in ready}) == 1  # one process (one CUDA context on a GPU) holds both
     finally:
         process.stop()
+
+
+def test_the_grafana_dashboard_selects_models() -> None:
+    """A "model" variable (every model by default, the served names as choices) filters every query of a metric
+    that carries the label, and three panels split by model."""
+    dashboard = json.loads((REPO_ROOT / "docker" / "grafana" / "bge-reranker-dashboard.json").read_text())
+    variable = next(item for item in dashboard["templating"]["list"] if item["name"] == "model")
+    assert variable["includeAll"] is True and variable["allValue"] == ".*"
+    assert variable["definition"] == 'label_values(reranker_requests_total{job=~"$job", model!=""}, model)'
+    per_process = ("reranker_ready_workers", "reranker_workers", "reranker_engines")  # gauges with no model label
+    selectors = [
+        (name, selector)
+        for panel in dashboard["panels"]
+        for target in panel.get("targets", [])
+        for name, selector in re.findall(r"(reranker_\w+)\{([^}]*)\}", target["expr"])
+    ]
+    labelled = [(name, selector) for name, selector in selectors if name not in per_process]
+    assert len(labelled) >= 20
+    for name, selector in labelled:
+        assert 'model=~"$model"' in selector, (name, selector)
+    by_model = [panel["title"] for panel in dashboard["panels"] if panel.get("title", "").endswith("by model")]
+    assert by_model == ["Requests / s by model", "p50 latency by model", "Queue depth by model"]

@@ -402,8 +402,15 @@ def test_grafana_dashboard_queries_run_on_prometheus(stack: Stack) -> None:
     ):
         assert metric in joined, metric
     for expr in expressions:
-        # "$pod" as the dashboard's "All" sends it: Compose's series have no pod label, and ".*" matches them.
-        concrete = expr.replace("$__rate_interval", "1m").replace('"$job"', '"bge-reranker"').replace('"$pod"', '".*"')
+        # "$pod" and "$model" as the dashboard's "All" sends them: Compose's series have no pod label, and ".*"
+        # matches them.
+        concrete = (
+            expr.replace("$__rate_interval", "1m")
+            .replace('"$job"', '"bge-reranker"')
+            .replace('"$pod"', '".*"')
+            .replace('"$model"', '".*"')
+            .replace('"$model"', '".*"')
+        )
         assert "$" not in concrete, concrete
         _prometheus(stack, "/api/v1/query", query=concrete)  # asserts status success
 
