@@ -222,11 +222,11 @@ def _wait_scrape_ready(url: str, timeout: float = 60) -> None:
     raise AssertionError(f"Prometheus at {url} not ready after {timeout}s")
 
 
-def world_readable_model(target: Path) -> Path:
+def world_readable_model(target: Path, *, family: str | None = None) -> Path:
     """A tiny model built offline, readable by the container's user (uid 10001) whatever the umask."""
-    from tests.model_factory import build_cross_encoder
+    from tests.model_factory import DEFAULT_FAMILY, build_cross_encoder
 
-    model_dir = build_cross_encoder(target, shape="tiny")
+    model_dir = build_cross_encoder(target, shape="tiny", family=family or DEFAULT_FAMILY)
     model_dir.chmod(0o755)
     for path in model_dir.rglob("*"):
         path.chmod(0o755 if path.is_dir() else 0o644)

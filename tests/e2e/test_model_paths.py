@@ -304,3 +304,60 @@ def test_the_reranker_alone_holds_the_failure_instead_of_restarting(broken: Stac
     broken.compose("stop", "--timeout", "30", SERVICE, check=True, timeout=60)
     assert time.monotonic() - started < 10
     assert broken.inspect()["State"]["ExitCode"] == 2  # type: ignore[index]
+
+
+def test_two_models_fetched_by_one_up_and_served_side_by_side(
+    built_image: str, hub: tuple[FakeHub, str], workdir: Path, tiny_model: Path
+) -> None:
+    """MODEL_ID lists two models by name: model-fetch fetches each into its own folder of the volume, the image's
+    entry point serves them under those names, and each scores as its own CrossEncoder (float32)."""
+    from tests.test_published_models import cross_encoder_scores
+
+    fake, endpoint = hub
+    minilm = world_readable_model(workdir / "minilm", family="ms-marco-MiniLM-L-6-v2")
+    fake.add_repo("cross-encoder/ms-marco-MiniLM-L-6-v2", minilm)
+    stack = make_stack(
+        workdir / "two-models",
+        f"{PROJECT}-two",
+        {
+            "HF_ENDPOINT": endpoint,
+            "MODEL_ID": f"bge={MODEL_ID},minilm=cross-encoder/ms-marco-MiniLM-L-6-v2",
+            "RERANKER_DTYPE": "float32",
+        },
+        model_dir=tiny_model,
+        files=COMPOSE_FILES,
+    )
+    stack.down()
+    try:
+        up = stack.up()
+        assert up.returncode == 0, up.stdout + up.stderr + stack.logs()
+        fetch_lines = stack.service_logs(FETCH)
+        assert sum("verified and published" in line for line in fetch_lines) == 2, fetch_lines
+        checked = [line for line in fetch_lines if line.startswith("reranker: bge = model directory")]
+        assert (
+            checked and "minilm = model directory /models/minilm/current: BertForSequenceClassification" in checked[0]
+        )
+
+        models = httpx.get(f"{stack.base_url}/v1/models", timeout=10).json()["data"]
+        assert [model["id"] for model in models] == ["bge", "minilm"]
+        query, documents = "What's the weather?", ["Is it sunny today?", "Bananas are yellow", "Rain is coming"]
+        for name, directory in (("bge", tiny_model), ("minilm", minilm)):
+            expected = cross_encoder_scores(directory, [(query, document) for document in documents])
+            answer = httpx.post(
+                f"{stack.base_url}/v1/rerank",
+                json={"model": name, "query": query, "documents": documents},
+                timeout=30,
+            )
+            assert answer.status_code == 200, answer.text
+            scores = {item["index"]: item["relevance_score"] for item in answer.json()["results"]}
+            assert [scores[i] for i in range(len(documents))] == pytest.approx(list(expected), abs=2e-5)
+            info = httpx.get(f"{stack.base_url}/models/{name}/info", timeout=10).json()
+            assert info["model_id"] == name
+        unknown = httpx.post(
+            f"{stack.base_url}/v1/rerank", json={"model": "nope", "query": query, "documents": documents}, timeout=30
+        )
+        assert unknown.status_code == 404 and "bge, minilm" in unknown.json()["error"]["message"]
+        metrics = httpx.get(f"{stack.base_url}/metrics", timeout=10).text
+        assert 'reranker_pairs_scored_total{model="minilm"} 3.0' in metrics
+    finally:
+        stack.down()
