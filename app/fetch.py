@@ -85,6 +85,7 @@ class Request:
     source: str
     revision: str | None
     root: Path
+    name: str = ""  # with several models (MODEL_ID=name=org/model,...), its name and folder in the volume
 
     @property
     def slug(self) -> str:
@@ -563,7 +564,7 @@ def parse_args(argv: list[str] | None) -> tuple[list[Request], bool]:
             )
         # Several models: each in its own folder of the volume, with its own current link.
         root = args.root / name if name else args.root
-        requests.append(Request(model_id=model_id, source=source, revision=args.revision, root=root))
+        requests.append(Request(model_id=model_id, source=source, revision=args.revision, root=root, name=name))
     return requests, args.refresh
 
 
@@ -602,6 +603,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         requests, refresh = parse_args(argv)
         for request in requests:
+            if request.name:
+                # Several models: the volume must be mounted; each model's folder in it is made here.
+                check_root(request.root.parent)
+                request.root.mkdir(exist_ok=True)
             fetch(request, refresh=refresh)
     except FetchError as error:
         if debug:

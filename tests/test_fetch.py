@@ -327,3 +327,35 @@ def test_modelscope_file_that_fails_its_checksum_is_not_published(
     line = one_line(result)
     assert "failed verification" in line and "tokenizer.json" in line
     assert not (root / CURRENT).exists()
+
+
+def test_several_models_each_land_in_their_own_folder_and_are_served_by_name(
+    hub: tuple[FakeHub, str], root: Path, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    fake, url = hub
+    fake.add_repo("cross-encoder/ms-marco-MiniLM-L-6-v2", tiny_model_dir)
+    listed = "bge=BAAI/bge-reranker-base, minilm=cross-encoder/ms-marco-MiniLM-L-6-v2"
+    result = run_fetch(url, root, tmp_path, MODEL_ID=listed)
+    assert result.returncode == 0, result.stderr
+    for name, model_id in (("bge", MODEL_ID), ("minilm", "cross-encoder/ms-marco-MiniLM-L-6-v2")):
+        record = json.loads((root / name / CURRENT / FETCHED_MARKER).read_text())
+        assert record["model_id"] == model_id
+        assert (root / name / CURRENT / "config.json").is_file()
+    assert not (root / CURRENT).exists()
+    # What the image's entry point serves them as (RERANKER_MODELS), from the same layout.
+    served = subprocess.run(
+        [sys.executable, "-m", "app.fetch", "--print-served-models"],
+        env={"MODEL_ID": listed, "MODELS_ROOT": str(root), "PATH": os.environ["PATH"]},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO_ROOT,
+    )
+    assert served.stdout.strip() == f"bge={root / 'bge' / CURRENT},minilm={root / 'minilm' / CURRENT}"
+    # A name given twice, or an entry without a name, is one line and exit status 2.
+    for bad, needle in (
+        (f"a={MODEL_ID},a={MODEL_ID}", "'a' is given twice"),
+        (f"a={MODEL_ID},{MODEL_ID}", "name=org/model"),
+    ):
+        failed = run_fetch(url, root, tmp_path, MODEL_ID=bad)
+        assert failed.returncode == 2 and needle in one_line(failed)
