@@ -269,6 +269,11 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _one_model_or_several(self) -> Settings:
         if self.models is not None:
+            if self.torch_compile is Compile.on and len(parse_served_models(self.models)) > 1:
+                raise ValueError(
+                    "RERANKER_TORCH_COMPILE=on cannot compile several models in one process (their graphs "
+                    "invalidate each other's): leave it auto (several models run eagerly) or serve one model"
+                )
             return self  # each directory was checked with its name
         if self.model_path is None:
             raise ValueError("set RERANKER_MODEL_PATH (one model) or RERANKER_MODELS (name=directory,...)")
@@ -297,8 +302,16 @@ class Settings(BaseSettings):
         return self.models is not None
 
     def for_model(self, served: ServedModel) -> Settings:
-        """These settings for one served model: what the loader, the encoder and the batcher read."""
-        return self.model_copy(update={"model_path": served.path, "model_name": served.name, "models": None})
+        """These settings for one served model: what the loader, the encoder and the batcher read.
+
+        Several models in one process run eagerly on the CPU (``auto`` compiles only a model alone): compiled
+        side by side they invalidate each other's graphs (transformers' forward wrapper is one code object for
+        every model class, and loading a model changes a registry the graphs are guarded on), and measured with
+        a bge-reranker-base- and a MiniLM-shaped model the first recompiled for 55 s and then ran 2.5x slower."""
+        update: dict[str, object] = {"model_path": served.path, "model_name": served.name, "models": None}
+        if len(self.served_models()) > 1 and self.torch_compile is Compile.auto:
+            update["torch_compile"] = Compile.off
+        return self.model_copy(update=update)
 
     @property
     def worker_processes(self) -> int:

@@ -15,7 +15,9 @@ times and driven over HTTP with RAGFlow-shaped requests:
 
 Printed: the small client's p50/p95 and pairs/s in each phase, the large model's pairs/s, and the contrast.
 Each model has its own batcher, so the small model's requests never queue behind the large model's pairs; on a
-CPU they still share its cores with the large model's forward passes, which is what phase 3's p50 shows.
+CPU the two models' forward passes run side by side and share the cores, which is what phase 3's p50 shows.
+Several models in one process run eagerly on the CPU (``Settings.for_model``), the model served alone in phase 1
+compiled: phase 2 against phase 1 is that difference.
 """
 
 from __future__ import annotations

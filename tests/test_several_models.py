@@ -332,3 +332,18 @@ def test_the_grafana_dashboard_selects_models() -> None:
         assert 'model=~"$model"' in selector, (name, selector)
     by_model = [panel["title"] for panel in dashboard["panels"] if panel.get("title", "").endswith("by model")]
     assert by_model == ["Requests / s by model", "p50 latency by model", "Queue depth by model"]
+
+
+def test_several_models_run_eagerly_on_the_cpu_and_compile_on_is_refused(model_dirs: dict[str, Path]) -> None:
+    from app.config import Compile, Settings, SettingsError, load_settings
+
+    two = Settings(models=served(model_dirs))
+    assert [two.for_model(model).torch_compile for model in two.served_models()] == [Compile.off, Compile.off]
+    one = Settings(models=f"{M3}={model_dirs[M3]}")
+    assert one.for_model(one.served_models()[0]).torch_compile is Compile.auto  # alone, a model may compile
+    env = {"RERANKER_MODELS": served(model_dirs), "RERANKER_TORCH_COMPILE": "on"}
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        with pytest.raises(SettingsError, match="RERANKER_TORCH_COMPILE=on cannot compile several models"):
+            load_settings()
