@@ -22,7 +22,14 @@ __all__ = ["REPO_ROOT", "ServerProcess", "fake_model_dir", "free_port", "start_s
 # from where the module is and what it runs: unit = the fake engine or pure code (seconds), integration = the
 # real loader and a model built offline, in-process.
 TIERS = ("unit", "integration", "server", "reliability", "docker", "gpu")
-UNIT_MODULES = {"test_api.py", "test_batcher.py", "test_settings.py", "test_cuda_graph_buckets.py", "test_cpus.py"}
+UNIT_MODULES = {
+    "test_api.py",
+    "test_batcher.py",
+    "test_settings.py",
+    "test_cuda_graph_buckets.py",
+    "test_cpus.py",
+    "test_torch_flavour_check.py",
+}
 _tier_seconds: dict[str, float] = {}
 
 
