@@ -92,7 +92,8 @@ read -r TORCH_IMAGE_VERSION TORCH_CUDA CUDA_AVAILABLE <<<"$TORCH_INFO"
 # --- model ------------------------------------------------------------------------------------------------------
 log "building a random $MODEL_SHAPE bge-reranker-base-layout model (tests/model_factory.py)"
 (cd "$REPO_ROOT" && "$VENV/bin/python" -m tests.model_factory --family bge-reranker-base \
-    --shape "$MODEL_SHAPE" "$WORKDIR/model" >/dev/null)
+    --shape "$MODEL_SHAPE" "$WORKDIR/model" >/dev/null 2>"$WORKDIR/model.log") ||
+    { cat "$WORKDIR/model.log" >&2; die "could not build the model"; }
 chmod -R a+rX "$WORKDIR/model"  # the container's user (uid 10001) reads it
 
 # --- start ------------------------------------------------------------------------------------------------------
@@ -119,7 +120,7 @@ if [ "$READY" -ne 1 ]; then
 fi
 log "/ready 200 after $START_S"
 
-INFO="$(curl -fsS "$URL/info")"
+MODELS="$(curl -fsS "$URL/v1/models")"
 RERANK="$(curl -fsS "$URL/v1/rerank" -H 'Content-Type: application/json' -d '{
   "model": "bge-reranker",
   "query": "What is the capital of France?",
@@ -127,17 +128,18 @@ RERANK="$(curl -fsS "$URL/v1/rerank" -H 'Content-Type: application/json' -d '{
   "top_n": 3
 }')" || die "the rerank failed"
 log "rerank: $RERANK"
-DEVICE="$(printf '%s' "$INFO" | "$VENV/bin/python" -c 'import json, sys; print(json.load(sys.stdin).get("device"))')"
+# /v1/models names what was loaded: the device and the compute dtype.
+SERVED="$(printf '%s' "$MODELS" | "$VENV/bin/python" -c \
+    'import json, sys; card = json.load(sys.stdin)["data"][0]; print(card["device"], card["dtype"])')"
 SIZE_BYTES="$(docker image inspect -f '{{.Size}}' "$TAG")"
 
 echo
 echo "image                $TAG (base $BASE)"
-echo "image size           $(awk -v b="$SIZE_BYTES" 'BEGIN { printf "%.2f GB (%d bytes)", b / 1e9, b }')"
+echo "image size           $(awk -v b="$SIZE_BYTES" 'BEGIN { printf "%.2f GB (%.0f bytes)", b / 1e9, b }')"
 echo "build time           $BUILD_S"
 echo "start time           $START_S (docker run -> /ready 200, $MODEL_SHAPE model, $(nproc) CPUs)"
 echo "torch                $TORCH_IMAGE_VERSION, torch.version.cuda $TORCH_CUDA, cuda available: $CUDA_AVAILABLE"
-echo "served on            $DEVICE"
-echo "/info                $INFO"
-echo "startup log (device, dtype):"
-docker logs "$CONTAINER" 2>&1 | grep -iE 'device|dtype|cuda' | head -n 8 | sed 's/^/  /' || true
+echo "served on            $SERVED (device, dtype; /v1/models)"
+echo "startup log:"
+docker logs "$CONTAINER" 2>&1 | grep -E 'model ready|cuda|CUDA' | grep -v 'settings {' | head -n 8 | sed 's/^/  /' || true
 if [ "$KEEP" -eq 1 ]; then echo "container            $CONTAINER on $URL (docker rm -f $CONTAINER)"; fi
