@@ -5,7 +5,7 @@
 # Not part of CI: it downloads torch's CUDA build and its nvidia-* wheels (several GB).
 #
 #   bash scripts/build-cuda-image.sh [--base IMAGE] [--tag IMAGE:TAG] [--venv DIR] [--ca-bundle FILE]
-#                                    [--model-shape full|tiny] [--no-build] [--keep]
+#                                    [--model-shape full|tiny] [--no-cache | --no-build] [--keep]
 #
 #   --base        base image (default $BASE_IMAGE, else reranker-test-base:bookworm from scripts/docker-setup.sh;
 #                 the Dockerfile's own default is nvidia/cuda:13.0.0-base-ubuntu24.04, from Docker Hub)
@@ -13,6 +13,7 @@
 #   --venv        Python environment with the project's dependencies, to build the test model (default .venv)
 #   --ca-bundle   PEM file copied to docker/certs/host-ca-bundle.crt (a proxy's or mirror's CA) before the build
 #   --model-shape the random model served: "full" (bge-reranker-base's dimensions, default) or "tiny"
+#   --no-cache    build every layer afresh (docker build --no-cache): the build time of a first build
 #   --no-build    start and measure the image already tagged
 #   --keep        leave the container running (it is removed on exit otherwise)
 #
@@ -27,6 +28,7 @@ VENV="$REPO_ROOT/.venv"
 CA_BUNDLE=""
 MODEL_SHAPE="full"
 BUILD=1
+NO_CACHE=()
 KEEP=0
 while [ "$#" -gt 0 ]; do
     case "$1" in
@@ -35,9 +37,10 @@ while [ "$#" -gt 0 ]; do
         --venv) VENV="$2"; shift 2 ;;
         --ca-bundle) CA_BUNDLE="$2"; shift 2 ;;
         --model-shape) MODEL_SHAPE="$2"; shift 2 ;;
+        --no-cache) NO_CACHE=(--no-cache); shift ;;
         --no-build) BUILD=0; shift ;;
         --keep) KEEP=1; shift ;;
-        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
         *) echo "build-cuda-image: unknown argument $1" >&2; exit 1 ;;
     esac
 done
@@ -73,9 +76,10 @@ if [ "$BUILD" -eq 1 ]; then
     args=(--build-arg "BASE_IMAGE=$BASE" --build-arg TORCH_FLAVOUR=cuda --build-arg "TORCH_VERSION=$TORCH_VERSION")
     if [ -n "${TORCH_INDEX_URL:-}" ]; then args+=(--build-arg "TORCH_INDEX_URL=$TORCH_INDEX_URL"); fi
     if [ -n "${PIP_INDEX_URL:-}" ]; then args+=(--build-arg "PIP_INDEX_URL=$PIP_INDEX_URL"); fi
-    log "docker build -f docker/Dockerfile ${args[*]} -t $TAG . (log: $BUILD_LOG)"
+    log "docker build ${NO_CACHE[*]} -f docker/Dockerfile ${args[*]} -t $TAG . (log: $BUILD_LOG)"
     started=$(now)
-    if ! docker build -f "$REPO_ROOT/docker/Dockerfile" "${args[@]}" -t "$TAG" "$REPO_ROOT" >"$BUILD_LOG" 2>&1; then
+    if ! docker build "${NO_CACHE[@]}" -f "$REPO_ROOT/docker/Dockerfile" "${args[@]}" -t "$TAG" "$REPO_ROOT" \
+        >"$BUILD_LOG" 2>&1; then
         tail -n 20 "$BUILD_LOG" >&2
         die "docker build failed (log: $BUILD_LOG)"
     fi
