@@ -10,6 +10,7 @@ reports its CUDA version). Standard library apart from torch itself; run by dock
 from __future__ import annotations
 
 import sys
+import warnings
 
 
 def verdict(flavour: str, torch_version: str, cuda_version: str | None) -> str | None:
@@ -35,6 +36,8 @@ def main(argv: list[str]) -> int:
     if len(argv) != 2 or argv[1] not in ("cuda", "cpu"):
         print(f"usage: {argv[0]} cuda|cpu (TORCH_FLAVOUR, got {argv[1:]})", file=sys.stderr)
         return 1
+    # numpy is installed after torch (requirements.lock): keep torch's warning about it out of the one line.
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
     import torch
 
     cuda_version = torch.version.cuda

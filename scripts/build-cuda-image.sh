@@ -145,5 +145,6 @@ echo "start time           $START_S (docker run -> /ready 200, $MODEL_SHAPE mode
 echo "torch                $TORCH_IMAGE_VERSION, torch.version.cuda $TORCH_CUDA, cuda available: $CUDA_AVAILABLE"
 echo "served on            $SERVED (device, dtype; /v1/models)"
 echo "startup log:"
-docker logs "$CONTAINER" 2>&1 | grep -E 'model ready|cuda|CUDA' | grep -v 'settings {' | head -n 8 | sed 's/^/  /' || true
+docker logs "$CONTAINER" 2>&1 | grep -E 'model ready|cuda|CUDA' | grep -v 'settings {' | head -n 8 |
+    sed 's/^/  /' || true
 if [ "$KEEP" -eq 1 ]; then echo "container            $CONTAINER on $URL (docker rm -f $CONTAINER)"; fi
