@@ -29,6 +29,7 @@ UNIT_MODULES = {
     "test_cuda_graph_buckets.py",
     "test_cpus.py",
     "test_kubernetes.py",
+    "test_torch_flavour_check.py",
 }
 _tier_seconds: dict[str, float] = {}
 
