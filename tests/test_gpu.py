@@ -184,3 +184,17 @@ def test_llm_rerankers_on_cuda_within_tolerance_of_float32(family: str, dtype: s
     alone = 1 / (1 + np.exp(-np.asarray([backend.forward([pair])[0] for pair in pairs], dtype=np.float64)))
     for scores in (batched, alone):
         assert float(np.abs(scores - reference).max()) <= TOLERANCE
+
+
+def test_memory_estimate_of_two_models_on_the_gpu(family_dirs: dict[str, Path]) -> None:
+    """The engine's check on a GPU: fp16 weights (2 bytes a parameter), the GPU's free memory as the budget, and
+    a budget too small refused with one line naming both models."""
+    from app.engine.memory import MemoryRefusal, check_models_fit, count_parameters
+
+    models = f"xlmr={family_dirs['bge-reranker-base']},bert={family_dirs['ms-marco-MiniLM-L-6-v2']}"
+    needs = check_models_fit(Settings(models=models, device="cuda"), where="engine")
+    assert [need.name for need in needs] == ["xlmr", "bert"]
+    for need in needs:
+        assert need.weight_bytes == 2 * count_parameters(need.path)
+    with pytest.raises(MemoryRefusal, match=r"do not fit on the cuda .*xlmr .*bert "):
+        check_models_fit(Settings(models=models, device="cuda", memory_limit_mb=1), where="engine")

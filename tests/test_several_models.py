@@ -347,3 +347,19 @@ def test_several_models_run_eagerly_on_the_cpu_and_compile_on_is_refused(model_d
             patch.setenv(name, value)
         with pytest.raises(SettingsError, match="RERANKER_TORCH_COMPILE=on cannot compile several models"):
             load_settings()
+
+
+def test_the_memory_estimate_counts_the_parameters_transformers_loads(model_dirs: dict[str, Path]) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    from app.config import Settings
+    from app.engine.memory import check_models_fit, count_parameters
+
+    for path in model_dirs.values():
+        model = AutoModelForSequenceClassification.from_pretrained(path)
+        assert count_parameters(path) == sum(parameter.numel() for parameter in model.parameters())
+    needs = check_models_fit(Settings(models=served(model_dirs), device="cpu"), where="test", device="cpu")
+    assert [need.name for need in needs] == [M3, MINILM]
+    for need in needs:
+        assert need.weight_bytes == 4 * need.parameters  # float32 weights on the CPU (bf16 autocast keeps them)
+        assert need.activation_bytes > 0
