@@ -205,6 +205,21 @@ async def info(service: ServiceDep, request: Request) -> TeiInfo:
     )
 
 
+# The endpoints read the scope's model name in their dependency (get_service), not as an argument: declared here
+# so that the OpenAPI document describes the path it is part of.
+MODEL_NAME_PARAMETER: dict[str, Any] = {
+    "parameters": [
+        {
+            "name": "model_name",
+            "in": "path",
+            "required": True,
+            "description": "A served model's name (RERANKER_MODEL_NAME, or a name in RERANKER_MODELS).",
+            "schema": {"type": "string"},
+        }
+    ]
+}
+
+
 def add_routes(
     target: APIRouter, paths: Sequence[str], endpoint: Callable[..., Any], *, method: str, **options: Any
 ) -> None:
@@ -214,7 +229,14 @@ def add_routes(
         target.add_api_route(path, endpoint, methods=[method], include_in_schema=visible, **options)
     scoped = [MODEL_SCOPE + ("" if path == "/" else path) for path in paths]
     for path, _ in _with_slash_variants(scoped):
-        target.add_api_route(path, endpoint, methods=[method], include_in_schema=path == scoped[0], **options)
+        target.add_api_route(
+            path,
+            endpoint,
+            methods=[method],
+            include_in_schema=path == scoped[0],
+            openapi_extra=MODEL_NAME_PARAMETER,
+            **options,
+        )
 
 
 # Optional fields a dialect did not ask for (document, chunk, data, text) are left out, not sent as null.
@@ -280,6 +302,7 @@ async def ready(registry: RegistryDep) -> Health:
     response_model=Health,
     responses={404: {"model": ErrorEnvelope}, 503: {"model": ErrorEnvelope}},
     tags=["operations"],
+    openapi_extra=MODEL_NAME_PARAMETER,
 )
 async def model_ready(service: ServiceDep) -> Health:
     """Readiness of one model: 200 when it is loaded, warmed and a tiny forward pass works."""
