@@ -37,7 +37,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import sys
 import time
@@ -45,6 +44,8 @@ import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from app.config import MODEL_NAME  # the service's rule for a served model's name
 
 DEFAULT_MODEL_ID = "BAAI/bge-reranker-base"
 SOURCES = ("huggingface", "modelscope")
@@ -577,7 +578,7 @@ def named_model_ids(value: str) -> list[tuple[str, str]]:
     entries: list[tuple[str, str]] = []
     for item in items:
         name, equals, model_id = (part.strip() for part in item.partition("="))
-        if not equals or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
+        if not equals or not MODEL_NAME.fullmatch(name):
             raise FetchError(
                 f"MODEL_ID={value!r}: with several models each entry is name=org/model, the name of letters, "
                 f"digits, '.', '_' or '-' ({item!r} is not)",
