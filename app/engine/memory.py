@@ -65,7 +65,8 @@ def count_parameters(model_dir: Path) -> int:
         pickled = [
             model_dir / shard for shard in sorted(set(json.loads(pickled_index.read_text())["weight_map"].values()))
         ]
-    stored = _config(model_dir).get("torch_dtype") or _config(model_dir).get("dtype") or "float32"
+    config = _config(model_dir)
+    stored = config.get("torch_dtype") or config.get("dtype") or "float32"
     per_parameter = 2 if stored in ("float16", "bfloat16") else 4
     return sum(path.stat().st_size for path in pickled) // per_parameter
 

@@ -34,7 +34,7 @@ from app.batcher import DynamicBatcher
 from app.config import Settings, SettingsError, load_settings
 from app.engine.base import Backend
 from app.engine.loader import load_backend
-from app.engine.memory import MemoryRefusal, check_models_fit
+from app.engine.memory import MemoryRefusal, check_models_fit, runs_on_cuda
 from app.engine.supervisor import model_socket
 from app.engine.wire import Frame, Kind, decode_pairs, encode_scores, pack, pack_json, read_frame
 from app.errors import EngineFailure, NotReadyError, OverloadedError, PayloadTooLargeError
@@ -153,9 +153,11 @@ async def serve(socket_path: Path) -> int:
     started = time.perf_counter()
     engines: list[Engine] = []
     try:
-        # Every model in this one process (one CUDA context per device), loaded one after another; the set is
-        # refused before any weight is read if it cannot fit (app/engine/memory.py).
-        check_models_fit(settings, where="engine")
+        # Every model in this one process (one CUDA context per device), loaded one after another. On a GPU the
+        # set is refused here, before any weight is read, if it cannot fit its free memory (app/engine/memory.py);
+        # the host's memory was checked by the preflight (python -m app) before any process started.
+        if runs_on_cuda(settings):
+            check_models_fit(settings, where="engine", device="cuda")
         for model in served:
             model_settings = settings.for_model(model)
             engines.append(await start_engine(model_settings, workers=settings.worker_processes))
