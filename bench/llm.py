@@ -30,24 +30,22 @@ from pathlib import Path
 from typing import Any
 
 from bench.driver import drive_raw
-from bench.model import ensure_model
+from bench.model import built_once, ensure_model
 from bench.servers import start_service
 from bench.workloads import WORKLOADS, load_encoder
 from tests.llm_factory import build_llm_reranker
 
 logger = logging.getLogger("bench.llm")
 DEFAULT_CACHE = Path(tempfile.gettempdir()) / "reranker-bench"
-QWEN_READY_MARK = ".bench-model-v1"
 
 
 def ensure_qwen3_reranker(cache_dir: Path) -> Path:
     """Qwen3-Reranker-0.6B's exact shape with random weights, built once (a few minutes and ~1.2 GB in bf16)."""
-    target = cache_dir / "Qwen3-Reranker-0.6B"
-    if not (target / QWEN_READY_MARK).is_file():
-        logger.info("building a random-weight Qwen3-Reranker-0.6B-shaped model in %s (once)", target)
-        build_llm_reranker(target, family="qwen3-reranker", shape="full")
-        (target / QWEN_READY_MARK).write_text("random weights, Qwen3-Reranker-0.6B's config\n")
-    return target
+    return built_once(
+        cache_dir / "Qwen3-Reranker-0.6B",
+        lambda target: build_llm_reranker(target, family="qwen3-reranker", shape="full"),
+        "random weights, Qwen3-Reranker-0.6B's config",
+    )
 
 
 def percentile(values: list[float], share: float) -> float:

@@ -11,6 +11,7 @@ about what a trained bge-reranker produces. That changes no shape and no cost.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from tests.model_factory import build_cross_encoder, make_words
@@ -23,13 +24,21 @@ LOGIT_STD = 2.0
 
 
 def ensure_model(cache_dir: Path) -> Path:
-    target = cache_dir / SHAPE
+    def build(target: Path) -> None:
+        build_cross_encoder(target, shape=SHAPE)
+        _aim_head(target)
+
+    return built_once(cache_dir / SHAPE, build, "random weights, head aimed for spread logits")
+
+
+def built_once(target: Path, build: Callable[[Path], object], description: str) -> Path:
+    """``target``, built by ``build`` unless an earlier run completed it: the benchmarks' models cost minutes to
+    build and are cached between runs (``description`` goes into the ready mark, written last)."""
     if (target / READY_MARK).is_file():
         return target
-    logger.info("building a random-weight %s model in %s (once)", SHAPE, target)
-    build_cross_encoder(target, shape=SHAPE)
-    _aim_head(target)
-    (target / READY_MARK).write_text("random weights, head aimed for spread logits\n")
+    logger.info("building %s in %s (once)", description, target)
+    build(target)
+    (target / READY_MARK).write_text(description + "\n")
     return target
 
 

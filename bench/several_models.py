@@ -33,24 +33,22 @@ from pathlib import Path
 from typing import Any
 
 from bench.driver import drive_raw
-from bench.llm import percentile
-from bench.model import ensure_model
+from bench.llm import DEFAULT_CACHE, percentile
+from bench.model import built_once, ensure_model
 from bench.servers import start_service
 from bench.workloads import WORKLOADS
 from tests.model_factory import build_cross_encoder, make_words
 
 logger = logging.getLogger("bench.several_models")
-DEFAULT_CACHE = Path(tempfile.gettempdir()) / "reranker-bench"
-SMALL_READY_MARK = ".bench-model-v1"
 
 
 def ensure_small_model(cache_dir: Path) -> Path:
     """ms-marco-MiniLM-L-6-v2's exact shape with random weights, built once."""
-    target = cache_dir / "ms-marco-MiniLM-L-6-v2"
-    if not (target / SMALL_READY_MARK).is_file():
-        build_cross_encoder(target, shape="full", family="ms-marco-MiniLM-L-6-v2")
-        (target / SMALL_READY_MARK).write_text("random weights, ms-marco-MiniLM-L-6-v2's config\n")
-    return target
+    return built_once(
+        cache_dir / "ms-marco-MiniLM-L-6-v2",
+        lambda target: build_cross_encoder(target, shape="full", family="ms-marco-MiniLM-L-6-v2"),
+        "random weights, ms-marco-MiniLM-L-6-v2's config",
+    )
 
 
 def small_bodies(count: int) -> list[dict[str, Any]]:
