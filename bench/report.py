@@ -38,6 +38,7 @@ class Cell:
     server_extra: dict[str, float] = field(default_factory=dict)  # from the service's /metrics
     ratio_to_baseline: float | None = None
     latency_ratio_to_baseline: float | None = None
+    ratio_to_infinity: float | None = None  # the service's pairs/s over Infinity's in the same setting
 
 
 def summarise(
@@ -128,24 +129,26 @@ def print_cells(cells: list[Cell], peaks: dict[str, float]) -> None:
     header = (
         f"{'setting':<11}{'clients':>7} {'server':<9}{'req':>5}{'err':>4}{'pairs/s':>9}{'tokens/s':>10}"
         f"{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'GFLOP/s':>9}{'% peak':>8}{'x base':>8}{'p50 x':>7}"
-        f"{'cores':>6}{'load':>6}{'other':>6}"
+        f"{'x inf':>7}{'cores':>6}{'load':>6}{'other':>6}"
     )
     print(header)
     print("-" * len(header))
     for c in cells:
         ratio = f"{c.ratio_to_baseline:.2f}" if c.ratio_to_baseline is not None else "-"
         lat = f"{c.latency_ratio_to_baseline:.2f}" if c.latency_ratio_to_baseline is not None else "-"
+        inf = f"{c.ratio_to_infinity:.2f}" if c.ratio_to_infinity is not None else "-"
         print(
             f"{c.workload:<11}{c.clients:>7} {c.server:<9}{c.requests:>5}{c.errors:>4}{c.pairs_per_s:>9.2f}"
             f"{c.tokens_per_s:>10.0f}{c.p50_ms:>9.0f}{c.p95_ms:>9.0f}{c.p99_ms:>9.0f}"
-            f"{c.model_flops_per_s / 1e9:>9.0f}{100 * c.peak_fraction:>7.0f}%{ratio:>8}{lat:>7}"
+            f"{c.model_flops_per_s / 1e9:>9.0f}{100 * c.peak_fraction:>7.0f}%{ratio:>8}{lat:>7}{inf:>7}"
             f"{c.server_cores:>6.2f}{c.client_cores:>6.2f}{c.other_load_cores:>6.2f}"
         )
     print(
         "pairs/s: documents scored per second; % peak: model FLOP/s over the matmul peak of the server's own "
-        "dtype;\nx base: pairs/s over the baseline's; p50 x: p50 latency over the baseline's; cores: CPU the "
-        "server used;\nload: CPU the load generator used (one thread: near 1.00 it limits the cell); other: CPU used "
-        "meanwhile by\nprocesses outside the benchmark (other people's work), in cores."
+        "dtype;\nx base: pairs/s over the baseline's; p50 x: p50 latency over the baseline's; x inf: the service's "
+        "pairs/s over\nInfinity's; cores: CPU the server used; load: CPU the load generator used (one thread: near "
+        "1.00 it\nlimits the cell); other: CPU used meanwhile by processes outside the benchmark (other people's "
+        "work), in cores."
     )
 
 
@@ -161,7 +164,7 @@ def plot(cells: list[Cell], path: Path) -> bool:
     workloads = list(dict.fromkeys(c.workload for c in cells))
     figure, axes = plt.subplots(2, len(workloads), figsize=(4 * len(workloads), 7), squeeze=False)
     for column, workload in enumerate(workloads):
-        for server, style in (("baseline", "o--"), ("service", "s-")):
+        for server, style in (("baseline", "o--"), ("infinity", "^:"), ("service", "s-")):
             mine = sorted((c for c in cells if c.workload == workload and c.server == server), key=lambda c: c.clients)
             if not mine:
                 continue

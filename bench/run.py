@@ -4,9 +4,10 @@
 
 Builds (once, cached) a random-weight model with bge-reranker-base's exact architecture, starts the real service
 (``python -m app``: gunicorn + uvicorn workers) and the baseline (``bench/baseline_server.py``: one uvicorn
-process calling sentence-transformers ``CrossEncoder.predict`` in float32 per request), and drives both with
-the same RAGFlow-shaped requests at each concurrency, alternating between the two servers cell by cell so
-that both see the same machine. Printed per setting: pairs/s, tokens/s, p50/p95/p99 latency, errors, the
+process calling sentence-transformers ``CrossEncoder.predict`` in float32 per request) and, where it is
+installed, Infinity (``infinity_emb``, its torch engine, bf16 on the CPU), and drives them with the same
+RAGFlow-shaped requests at each concurrency, alternating between the servers cell by cell so that all see the
+same machine. Printed per setting: pairs/s, tokens/s, p50/p95/p99 latency, errors, the
 ratio to the baseline, and the model FLOP/s (bench/flops.py) as a share of the matrix-multiply peak measured
 here in the server's own dtype. Also: score accuracy against float32, the cost of chunking long documents,
 and the worker's peak memory on a 128 × 512-token request. See the README's "Benchmark" section.
@@ -23,6 +24,7 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -42,6 +44,7 @@ from bench.servers import (
     machine_busy_seconds,
     process_tree,
     start_baseline,
+    start_infinity,
     start_service,
 )
 from bench.workloads import WORKLOADS, PreparedWorkload, load_encoder, prepare
@@ -113,6 +116,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="baseline route: sync = plain def in FastAPI's thread pool, async = on the event loop",
     )
     parser.add_argument("--no-baseline", action="store_true", help="drive the service alone (no ratios, no accuracy)")
+    parser.add_argument(
+        "--infinity",
+        default="auto",
+        help="Infinity's infinity_emb executable, driven beside the service (x inf column); auto = infinity_emb "
+        "on PATH if there is one; off = not at all. Install it apart from the service, e.g. python -m venv "
+        "/opt/infinity && /opt/infinity/bin/pip install torch==2.13.0 'infinity-emb[server,torch]==0.0.78'",
+    )
+    parser.add_argument(
+        "--infinity-dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="Infinity's --dtype; auto = what the service computes in (bfloat16 on a CPU with bf16 matrix "
+        "instructions, float16 on CUDA)",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the 128 documents x 512 tokens memory check")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="where the benchmark model is built")
     parser.add_argument("--json", type=Path, default=RESULTS / "results.json", help="write all results here")
@@ -225,6 +242,19 @@ class Bench:
         logger.info("service ready in %.0fs", time.perf_counter() - started)
         self.service_workers = args.workers or chosen_workers(self.servers["service"].log())
         self.dtypes["service"] = service_dtype(self.servers["service"])
+        infinity = infinity_executable(args.infinity)
+        if infinity:
+            dtype = self.dtypes["service"] if args.infinity_dtype == "auto" else args.infinity_dtype
+            logger.info("starting Infinity (%s, %s)", infinity, dtype)
+            self.servers["infinity"] = start_infinity(
+                infinity,
+                self.model_dir,
+                self.workdir,
+                device=self.device,
+                dtype=dtype,
+                ready_timeout=args.ready_timeout,
+            )
+            self.dtypes["infinity"] = dtype
 
     def stop(self) -> None:
         for server in self.servers.values():
@@ -316,7 +346,9 @@ class Bench:
         return cell
 
     def run_workload(self, prepared: PreparedWorkload, clients_list: list[int]) -> None:
-        names = ["baseline", "service"] if prepared.workload.baseline and "baseline" in self.servers else ["service"]
+        # The long-chunk setting asks for the service's own windowing, which the others do not have.
+        others = [name for name in ("baseline", "infinity") if name in self.servers and prepared.workload.baseline]
+        names = [*others, "service"]
         for name in names:  # one unmeasured request: first-shape costs stay out of the figures
             httpx.post(
                 f"{self.servers[name].base_url}/v1/rerank",
@@ -330,7 +362,17 @@ class Bench:
                 base, ours = cells["baseline"], cells["service"]
                 ours.ratio_to_baseline = ours.pairs_per_s / base.pairs_per_s if base.pairs_per_s else None
                 ours.latency_ratio_to_baseline = ours.p50_ms / base.p50_ms if base.p50_ms else None
+            if "infinity" in cells and cells["infinity"].pairs_per_s:
+                cells["service"].ratio_to_infinity = cells["service"].pairs_per_s / cells["infinity"].pairs_per_s
             self.cells.extend(cells.values())
+
+    def samples_of(self, workload: str, server: str) -> list[Any]:
+        return [
+            sample
+            for (name, _, which), samples in self.samples.items()
+            if name == workload and which == server
+            for sample in samples
+        ]
 
     def memory_check(self) -> dict[str, Any]:
         """Peak RSS of each server's largest process while it scores 128 documents truncated to 512 tokens."""
@@ -402,24 +444,17 @@ def main(argv: list[str] | None = None) -> int:
 
     print_cells(bench.cells, bench.peaks)
     accuracy = []
-    for name in workload_names:
-        ours = [
-            s for (w, _, server), samples in bench.samples.items() if w == name and server == "service" for s in samples
-        ]
-        base = [
-            s
-            for (w, _, server), samples in bench.samples.items()
-            if w == name and server == "baseline"
-            for s in samples
-        ]
-        result = compare_scores(name, ours, base)
-        if result:
-            accuracy.append(result)
+    for server in ("service", "infinity"):
+        for name in workload_names:
+            base = bench.samples_of(name, "baseline")
+            result = compare_scores(name, bench.samples_of(name, server), base)
+            if result:
+                accuracy.append((server, result))
     if accuracy:
-        print("\nScore accuracy, service vs float32 baseline on the same requests (scores in [0, 1]):")
-        for a in accuracy:
+        print("\nScore accuracy vs the float32 baseline on the same requests (scores in [0, 1]):")
+        for server, a in accuracy:
             print(
-                f"  {a.workload:<11} {a.documents} documents in {a.requests} requests: max |diff| "
+                f"  {server:<9}{a.workload:<11} {a.documents} documents in {a.requests} requests: max |diff| "
                 f"{a.max_abs_score_diff:.4f}, mean {a.mean_abs_score_diff:.4f} (fp32 scores spread with std "
                 f"{a.fp32_score_std:.3f}); order of {a.separated_pairs} clearly separated pairs (gap > 0.02): "
                 f"{a.separated_pairs - a.separated_order_mismatches} same, {a.separated_order_mismatches} "
@@ -455,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {k: str(v) for k, v in vars(args).items()},
         "service_workers": bench.service_workers,
         "cells": [as_json(c) for c in bench.cells],
-        "accuracy": [as_json(a) for a in accuracy],
+        "accuracy": [{"server": server, **as_json(a)} for server, a in accuracy],
         "chunking": chunking,
         "memory": memory,
         "targets": targets,
@@ -489,9 +524,22 @@ def chunk_cost(cells: list[Cell]) -> dict[str, float] | None:
     return None
 
 
+def infinity_executable(choice: str) -> str | None:
+    if choice == "off":
+        return None
+    if choice == "auto":
+        return shutil.which("infinity_emb")
+    return choice
+
+
 def check_targets(cells: list[Cell]) -> list[str]:
     ours = {c.clients: c for c in cells if c.workload == "target" and c.server == "service"}
     lines = []
+    for clients in (4, 16):
+        c = ours.get(clients)
+        if c and c.ratio_to_infinity is not None:
+            verdict = "met" if c.ratio_to_infinity >= 1.5 else "NOT met"
+            lines.append(f"{clients} clients: {c.ratio_to_infinity:.2f}x Infinity's pairs/s (want >= 1.5x): {verdict}")
     for clients, wanted in ((4, 4.0), (16, 5.0)):
         c = ours.get(clients)
         if c and c.ratio_to_baseline is not None:

@@ -1,7 +1,8 @@
-"""Starting the two servers under test, and reading their processes' CPU time and memory from /proc.
+"""Starting the servers under test, and reading their processes' CPU time and memory from /proc.
 
 The service is started exactly as the container and the end-to-end tests start it (``python -m app``, through
-the shared ``tests.conftest.start_server``); the baseline is ``bench/baseline_server.py`` in one uvicorn process.
+the shared ``tests.conftest.start_server``); the baseline is ``bench/baseline_server.py`` in one uvicorn process;
+Infinity (``infinity_emb v2``, where installed) as its own documentation starts it, on the same model directory.
 """
 
 from __future__ import annotations
@@ -25,6 +26,43 @@ def start_service(
     # Threads left to the service's own default (CPUs / workers), unlike the tests' one thread per worker.
     env = {"RERANKER_TORCH_THREADS": "0", "RERANKER_DEVICE": device, "RERANKER_ACCESS_LOG": "false", **settings}
     return start_server(model_dir, workdir, workers=workers, ready_timeout=ready_timeout, **env)
+
+
+def start_infinity(
+    executable: str, model_dir: Path, workdir: Path, *, device: str, dtype: str, ready_timeout: float
+) -> ServerProcess:
+    """Infinity's server (``infinity_emb v2``, its torch engine) on the benchmark's model, its routes under /v1 so
+    that the same requests go to the same path. Its own defaults otherwise (batch size 32, dynamic batching)."""
+    port = free_port()
+    log_path = workdir / f"infinity-{port}.log"
+    command = [
+        executable,
+        "v2",
+        "--model-id",
+        str(model_dir),
+        "--engine",
+        "torch",
+        "--device",
+        device,
+        "--dtype",
+        dtype,
+        "--port",
+        str(port),
+        "--url-prefix",
+        "/v1",
+        "--log-level",
+        "warning",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0"}
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(command, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
+    server = ServerProcess(process, f"http://127.0.0.1:{port}", log_path)
+    return wait_until_ready(
+        server,
+        lambda: httpx.get(f"{server.base_url}/health", timeout=2).status_code == 200,
+        timeout=ready_timeout,
+        name="Infinity",
+    )
 
 
 def start_baseline(model_dir: Path, workdir: Path, *, device: str, handler: str, ready_timeout: float) -> ServerProcess:
