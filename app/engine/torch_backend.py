@@ -61,13 +61,24 @@ logger = logging.getLogger(__name__)
 CPU_SLICE_TOKENS = 4096
 
 
+# Where the kernel lists the CPU's features ("flags" lines on x86).
+CPUINFO = Path("/proc/cpuinfo")
+
+
 def cpu_has_native_bf16() -> bool:
-    """True on CPUs with bf16 matrix instructions (AVX512-BF16 or AMX), where bf16 beats float32."""
+    """True on CPUs with bf16 matrix instructions (AVX512-BF16 or AMX), where bf16 beats float32. Elsewhere
+    (AVX2-only x86, ARM, an unreadable cpuinfo) bf16 is emulated and several times slower than float32."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        text = CPUINFO.read_text()
     except OSError:
         return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
+    flags = {
+        flag
+        for line in text.splitlines()
+        if line.startswith("flags") and ":" in line
+        for flag in line.split(":", 1)[1].split()
+    }
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 def _has_cxx_compiler() -> bool:
@@ -109,6 +120,11 @@ def resolve_dtype(dtype: DType, device: torch.device) -> torch.dtype:
         if device.type == "cuda":
             return torch.float16
         return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    if dtype is DType.bfloat16 and device.type == "cpu" and not cpu_has_native_bf16():
+        logger.warning(
+            "RERANKER_DTYPE=bfloat16 on a CPU without bf16 matrix instructions (AVX512-BF16 or AMX): bf16 is "
+            "emulated here and several times slower than float32; unset RERANKER_DTYPE for float32"
+        )
     return {DType.float32: torch.float32, DType.float16: torch.float16, DType.bfloat16: torch.bfloat16}[dtype]
 
 
