@@ -3,6 +3,7 @@ its description says, and the Infinity ratio is judged against the 1.5x goal."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -81,3 +82,11 @@ def test_infinity_is_driven_only_where_asked_or_installed(tmp_path, monkeypatch)
     executable.write_text("#!/bin/sh\n")
     executable.chmod(0o755)
     assert infinity_executable("auto") == str(executable)
+
+
+def test_the_int8_peak_is_measured_on_the_cpu_and_refused_for_cuda() -> None:
+    from bench.flops import measure_matmul_peak
+
+    assert measure_matmul_peak(dtype_name="int8", device="cpu", threads=1, repeats=1) > 1e9  # op/s
+    with pytest.raises(ValueError, match="CPU only"):
+        measure_matmul_peak(dtype_name="int8", device="cuda", threads=1)
