@@ -1,6 +1,6 @@
 """Per-token dynamic int8 on the CPU: what it would give the service, measured (docs/cpu-int8.md).
 
-    python -m bench.int8_dynamic [--rounds 3] [--skip-speed] [--skip-accuracy]
+    python -m bench.int8_dynamic [--rounds 3] [--skip-speed] [--skip-accuracy] [--goal 1.6]
 
 Every encoder linear layer in int8 the way LLM serving stacks do it on GPUs: weights int8 per output channel,
 activations quantised per token (asymmetric, 8 bits) at run time, so no calibration text is involved and traffic
@@ -17,6 +17,10 @@ the classification head stay float. Two questions, each answered side by side in
 - speed: compiled forward passes (inductor, frozen weights, as the service runs) of bge-reranker-base's shape
   (``bench/model.py``'s random-weight model), 16 pairs x 115 tokens: the default (bf16 autocast) against the same
   with int8 linears, in turn within each round, the ratio taken per round.
+- ceiling: where the default's forward pass spends its time (profiled: the linear layers' products, attention's
+  batched products, everything else), and so the most int8 linears could give it with everything else as it is
+  (Amdahl): at the product speed-up measured in the same profile, and at the ratio of the host's int8 and bf16
+  matrix-product peaks (``bench/flops.py``), the most its products can gain.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import argparse
 import copy
 import importlib
 import inspect
+import math
 import random
 import re
 import statistics
@@ -32,15 +37,22 @@ import sys
 import time
 import zipfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from bench.flops import ModelShape, measure_matmul_peak
 from bench.model import built_once, ensure_model
 from bench.run import DEFAULT_CACHE
 
 LOGIT_STD = 2.0
+LINEAR_PRODUCTS = frozenset(
+    # The operators a linear layer's product runs as: compiled (oneDNN, prepacked bf16 or int8) or eager.
+    {"mkldnn::_linear_pointwise", "onednn::qlinear_pointwise", "aten::addmm", "aten::mm", "aten::linear"}
+)
+ATTENTION_PRODUCTS = frozenset({"aten::bmm", "aten::baddbmm"})
 SEPARATED = 0.02  # two documents of one query further apart than this in float32 must keep their order
 
 
@@ -272,36 +284,41 @@ def accuracy(cache_dir: Path) -> None:
         )
 
 
-def speed(cache_dir: Path, rounds: int) -> None:
+def speed(cache_dir: Path, rounds: int, goal: float) -> None:
     from torch._inductor import config as inductor_config
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(
-        ensure_model(cache_dir), attn_implementation="eager"
-    ).eval()
+    model_dir = ensure_model(cache_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, attn_implementation="eager").eval()
     quantised = replaced(model, lambda linear, _: DynamicInt8Linear(linear, out_dtype=torch.bfloat16))
     ids = torch.randint(5, 1000, (16, 115))
     mask = torch.ones_like(ids)
-    runs = {
-        "default (bf16 autocast)": torch.compile(model, dynamic=True),
-        "int8 per token": torch.compile(quantised, dynamic=True),
-    }
 
-    def seconds(compiled: Callable[..., object], repeats: int = 8) -> float:
+    def forward_pass(module: nn.Module) -> Callable[[], object]:
+        compiled = torch.compile(module, dynamic=True)
+
+        def run() -> object:
+            with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16), inductor_config.patch(freezing=True):
+                return compiled(input_ids=ids, attention_mask=mask)
+
+        return run
+
+    runs = {"default (bf16 autocast)": forward_pass(model), "int8 per token": forward_pass(quantised)}
+
+    def seconds(run: Callable[[], object], repeats: int = 8) -> float:
         times = []
         for _ in range(repeats):
             started = time.perf_counter()
-            with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16), inductor_config.patch(freezing=True):
-                compiled(input_ids=ids, attention_mask=mask)
+            run()
             times.append(time.perf_counter() - started)
         return statistics.median(times)
 
-    for compiled in runs.values():
-        seconds(compiled, 3)  # compile and warm up
+    for run in runs.values():
+        seconds(run, 3)  # compile and warm up
     print(f"\nSpeed, bge-reranker-base's shape, compiled, 16 pairs x 115 tokens, {torch.get_num_threads()} threads:")
     ratios = []
     for index in range(rounds):
-        measured = {name: 16 / seconds(compiled) for name, compiled in runs.items()}
+        measured = {name: 16 / seconds(run) for name, run in runs.items()}
         ratio = measured["int8 per token"] / measured["default (bf16 autocast)"]
         ratios.append(ratio)
         print(
@@ -310,6 +327,77 @@ def speed(cache_dir: Path, rounds: int) -> None:
             + f"; int8 / default {ratio:.2f}"
         )
     print(f"  int8 / default, median of {rounds} rounds: {statistics.median(ratios):.2f}")
+    ceiling(runs["default (bf16 autocast)"], runs["int8 per token"], ModelShape.from_model_dir(model_dir), goal)
+
+
+@dataclass(frozen=True)
+class TimeSplit:
+    """Seconds of one forward pass: the whole (wall), in the linear layers' products, in attention's products."""
+
+    whole: float
+    linear: float
+    attention: float
+
+    @property
+    def other(self) -> float:
+        return self.whole - self.linear - self.attention
+
+    def ceiling(self, product_speedup: float) -> float:
+        """The whole pass's speed-up when the linear products alone run ``product_speedup`` times faster."""
+        return self.whole / (self.whole - self.linear + self.linear / product_speedup)
+
+    def product_speedup_needed(self, target: float) -> float:
+        """How much faster the linear products must run for the whole pass to be ``target`` times faster;
+        infinity where even free products would not do."""
+        left_for_products = self.whole / target - (self.whole - self.linear)
+        return self.linear / left_for_products if left_for_products > 0 else math.inf
+
+
+def time_split(run: Callable[[], object], passes: int = 3) -> TimeSplit:
+    """Profile ``passes`` calls of ``run`` (already warm): operator self-times, so nothing is counted twice."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as profiled:
+        started = time.perf_counter()
+        for _ in range(passes):
+            run()
+        whole = time.perf_counter() - started
+    self_seconds = {event.key: event.self_cpu_time_total / 1e6 for event in profiled.key_averages()}
+    linear = sum(seconds for key, seconds in self_seconds.items() if key in LINEAR_PRODUCTS)
+    attention = sum(seconds for key, seconds in self_seconds.items() if key in ATTENTION_PRODUCTS)
+    return TimeSplit(whole=whole / passes, linear=linear / passes, attention=attention / passes)
+
+
+def ceiling(default_run: Callable[[], object], int8_run: Callable[[], object], shape: ModelShape, goal: float) -> None:
+    """What int8 linear products could give the default's whole forward pass at most, measured."""
+    threads = torch.get_num_threads()
+    default, int8 = time_split(default_run), time_split(int8_run)
+    peaks = {
+        name: measure_matmul_peak(dtype_name=name, device="cpu", threads=threads, shape=shape)
+        for name in ("bfloat16", "int8")
+    }
+    measured_speedup = default.linear / int8.linear
+    peak_ratio = peaks["int8"] / peaks["bfloat16"]
+    print("\nCeiling: the default's forward pass, profiled (ms per pass):")
+    for name, split in (("default", default), ("int8 per token", int8)):
+        print(
+            f"  {name:<16} whole {1e3 * split.whole:6.1f}: linear products {1e3 * split.linear:6.1f} "
+            f"({split.linear / split.whole:.0%}), attention products {1e3 * split.attention:5.1f}, "
+            f"everything else {1e3 * split.other:6.1f} ({split.other / split.whole:.0%})"
+        )
+    print(
+        f"  matrix-product peaks here: bf16 {peaks['bfloat16'] / 1e9:.0f} GFLOP/s, int8 {peaks['int8'] / 1e9:.0f} "
+        f"GOP/s ({peak_ratio:.2f}x)"
+    )
+    print("  int8 linears, everything else as in the default, at most (Amdahl):")
+    print(f"    at the products' measured speed-up ({measured_speedup:.2f}x): {default.ceiling(measured_speedup):.2f}x")
+    print(f"    at the peaks' ratio ({peak_ratio:.2f}x): {default.ceiling(peak_ratio):.2f}x")
+    print(f"    with free products: {default.ceiling(math.inf):.2f}x")
+    needed = default.product_speedup_needed(goal)
+    print(
+        f"  {goal}x the default needs the linear products {needed:.2f}x faster than bf16 "
+        f"({'beyond' if needed > peak_ratio else 'within'} the peaks' {peak_ratio:.2f}x)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -318,13 +406,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--goal", type=float, default=1.6, help="int8's goal, as a multiple of the default's speed")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if not args.skip_accuracy:
         accuracy(args.cache_dir)
     if not args.skip_speed:
-        speed(args.cache_dir, args.rounds)
+        speed(args.cache_dir, args.rounds, args.goal)
     return 0
 
 

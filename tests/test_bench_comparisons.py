@@ -3,11 +3,13 @@ its description says, and the Infinity ratio is judged against the 1.5x goal."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
 
-from bench.int8_dynamic import DynamicInt8Linear, SimulatedInt8Linear
+from bench.int8_dynamic import DynamicInt8Linear, SimulatedInt8Linear, TimeSplit, time_split
 from bench.report import Cell
 from bench.run import check_targets, infinity_executable
 
@@ -90,3 +92,35 @@ def test_the_int8_peak_is_measured_on_the_cpu_and_refused_for_cuda() -> None:
     assert measure_matmul_peak(dtype_name="int8", device="cpu", threads=1, repeats=1) > 1e9  # op/s
     with pytest.raises(ValueError, match="CPU only"):
         measure_matmul_peak(dtype_name="int8", device="cuda", threads=1)
+
+
+def test_the_ceiling_is_amdahls_law_over_the_profiled_split() -> None:
+    """The bound quoted in docs/cpu-int8.md: only the linear products get faster, everything else stays."""
+    split = TimeSplit(whole=0.254, linear=0.159, attention=0.015)
+    assert split.other == pytest.approx(0.080)
+    assert split.ceiling(1.0) == pytest.approx(1.0)
+    assert split.ceiling(2.0) == pytest.approx(0.254 / (0.095 + 0.0795))
+    assert split.ceiling(math.inf) == pytest.approx(0.254 / 0.095)  # free products: the rest sets the pace
+    needed = split.product_speedup_needed(1.6)
+    assert split.ceiling(needed) == pytest.approx(1.6)
+    assert split.product_speedup_needed(3.0) == math.inf  # beyond 0.254 / 0.095 = 2.67x nothing will do
+
+
+def test_a_profiled_pass_is_split_into_its_linear_products_and_the_rest() -> None:
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(512, 2048), nn.GELU(), nn.Linear(2048, 512), nn.LayerNorm(512)).eval()
+    x = torch.randn(256, 512)
+    queries, keys = torch.randn(8, 64, 32), torch.randn(8, 32, 64)
+
+    def run() -> None:
+        with torch.inference_mode():
+            model(x)
+            torch.bmm(queries, keys).softmax(-1)
+
+    run()
+    split = time_split(run, passes=5)
+    assert split.whole > 0
+    assert 0 < split.linear < split.whole  # the two products were seen, and they are not all of it
+    assert 0 < split.attention < split.linear  # the batched product, far smaller than the linear layers'
+    assert split.other > 0  # GELU, the layer norm and the softmax
+    assert split.linear + split.attention + split.other == pytest.approx(split.whole)
